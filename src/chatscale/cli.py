@@ -1,0 +1,55 @@
+"""`chatscale` command line: one sub-command per capability.
+
+Each sub-command registers its parser in a small `_add_*` function and imports its heavy modules
+(torch, the engine) only when it runs, so `chatscale --help` and light commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from chatscale.engine.config import EngineConfig
+
+    EngineConfig.add_cli_args(p)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streams the answer)")
+    _add_engine_args(p)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("prompt", nargs="*", help="one question to answer, then exit")
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from chatscale.terminal_chat import run_chat
+
+    return run_chat(args)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from chatscale.planner.cli import add_parser
+
+    add_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatscale", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_chat(sub)
+    _add_plan(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

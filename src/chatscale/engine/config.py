@@ -1,0 +1,82 @@
+"""Engine settings, shared by the offline API, the CLI and the server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+
+def default_model_path() -> str:
+    """The shipped demo model, so a fresh checkout serves something with no flag."""
+    from chatscale.models.demo import demo_model_path
+
+    return str(demo_model_path("target"))
+
+
+@dataclass
+class EngineConfig:
+    model: str = ""  # empty: the shipped demo model
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # None: kv_cache_fraction of the memory still free
+    kv_cache_fraction: float = 0.25
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            self.model = default_model_path()
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError("kv_cache_fraction must be in (0, 1]")
+
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser) -> None:
+        d = EngineConfig.__dataclass_fields__
+        p.add_argument("--model", default="", help="HF model directory (default: the shipped demo model)")
+        p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", "float32", "bfloat16", "float16"])
+        p.add_argument("--device", default=d["device"].default, help="cpu, cuda, cuda:1, ...")
+        p.add_argument("--block-size", type=int, default=d["block_size"].default, help="tokens per KV page")
+        p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None,
+                       help="KV-cache pool size, e.g. 2GiB (default: a fraction of free memory)")
+        p.add_argument("--kv-cache-fraction", type=float, default=d["kv_cache_fraction"].default)
+        p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
+        p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
+        p.add_argument("--max-model-len", type=int, default=None)
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--seed", type=int, default=d["seed"].default)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _parse_bytes(text: str) -> int:
+    s = text.strip().lower()
+    digits = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(digits):]
+    if unit not in _UNITS or not digits:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)")
+    return int(float(digits) * _UNITS[unit])
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable on Linux; the whole physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

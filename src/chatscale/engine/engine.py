@@ -1,0 +1,230 @@
+"""LLMEngine: requests in, one scheduler step at a time, outputs out.
+
+The loop is: schedule (pure Python) -> run the model on the scheduled tokens -> sample ->
+append, detokenize, check stops -> free what finished. Everything that touches tensors lives in
+the runner and the sampler.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from chatscale.engine.config import EngineConfig
+from chatscale.engine.detokenizer import IncrementalDetokenizer
+from chatscale.engine.kv_cache import KVCacheManager
+from chatscale.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from chatscale.engine.runner import ModelRunner
+from chatscale.engine.sampler import Sampler
+from chatscale.engine.sampling_params import SamplingParams
+from chatscale.engine.scheduler import Scheduler
+from chatscale.engine.sequence import Sequence
+from chatscale.models.loader import GenerationDefaults, load_model
+from chatscale.models.tokenizer import Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the requested completion does not fit the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class InvalidRequestError(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class StepStats:
+    """One step's shape, for metrics and benchmarks."""
+
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_prefill_tokens: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
+    sent: list[int] = field(default_factory=list)  # tokens already reported, per choice
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, num_blocks: int | None = None) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.model = load_model(config.model, config.dtype, config.device)
+        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.generation_defaults = GenerationDefaults.from_dir(self.model_path)
+        cfg = self.model.cfg
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        eos = set(self.generation_defaults.eos_token_ids or cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.runner = ModelRunner(self.model, config, num_blocks)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.last_step = StepStats()
+        self._ids = itertools.count()
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.config.model)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
+    def default_sampling_params(self, **overrides) -> SamplingParams:
+        """The checkpoint's generation_config.json defaults, overridden by the caller."""
+        return SamplingParams(**{**self.generation_defaults.sampling, **overrides})
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_request(ids, params)
+        now = time.monotonic()
+        seqs = [Sequence(request_id, ids, params, index=i, arrival_time=now) for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output,
+                                         params.skip_special_tokens) for _ in seqs]
+        self.requests[request_id] = _Request(request_id, ids, seqs, detoks, RequestMetrics(now), [0] * len(seqs))
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError or ContextLengthError for a request that cannot be served."""
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        vocab = self.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        bad_bias = [t for t in params.logit_bias if not 0 <= int(t) < vocab]
+        if bad_bias:
+            raise InvalidRequestError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {vocab})",
+                                      "logit_bias")
+        if params.max_tokens is None:
+            params.max_tokens = max(1, self.max_model_len - len(ids))
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(ids)} in the messages, {params.max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion."
+            )
+        if self.kv.blocks_for(total) > self.kv.num_blocks:
+            raise ContextLengthError(
+                f"The request needs {total} tokens of KV cache but the cache holds only "
+                f"{self.kv.num_blocks * self.kv.block_size}; reduce the prompt or max_tokens."
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request wherever it is (queued, prefilling, decoding) and free all its pages."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        start = time.monotonic()
+        logits, seqs = self.runner.execute(plan.scheduled)
+        for seq, n in plan.scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = start
+            seq.num_computed_tokens += n
+        tokens, logprobs = self.sampler(logits, seqs)
+        now = time.monotonic()
+        self.last_step = StepStats(
+            num_seqs=len(plan.scheduled),
+            num_tokens=plan.num_batched_tokens,
+            num_prefill_tokens=sum(n for _, n in plan.scheduled if n > 1),
+            duration_s=now - start,
+        )
+        touched: dict[str, _Request] = {}
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            req = self.requests[seq.request_id]
+            seq.append_token(token)
+            if lp is not None:
+                seq.output_logprobs.append(lp)
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+            detok = req.detoks[seq.index]
+            detok.add(token)
+            if seq.check_stop(self.eos_token_ids, self.max_model_len):
+                self.scheduler.finish(seq)
+            elif detok.stopped_by is not None:
+                seq.stop_reason = detok.stopped_by
+                self.scheduler.finish(seq, "stop")
+            touched[req.request_id] = req
+        return [self._output(req, now) for req in touched.values()]
+
+    def _output(self, req: _Request, now: float) -> RequestOutput:
+        outs = []
+        for i, (seq, detok) in enumerate(zip(req.seqs, req.detoks)):
+            new = seq.output_token_ids[req.sent[i]:]
+            sent_before, req.sent[i] = req.sent[i], seq.num_output_tokens
+            want_lp = seq.params.logprobs is not None
+            outs.append(CompletionOutput(
+                index=seq.index,
+                text=detok.text,
+                token_ids=seq.output_token_ids,
+                delta_text=detok.flush(seq.is_finished),
+                delta_token_ids=new,
+                logprobs=list(seq.output_logprobs) if want_lp else None,
+                delta_logprobs=seq.output_logprobs[sent_before:] if want_lp else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            ))
+        m = req.metrics
+        m.first_scheduled_time = m.first_scheduled_time or min(
+            (s.first_scheduled_time for s in req.seqs if s.first_scheduled_time), default=None)
+        m.first_token_time = m.first_token_time or min(
+            (s.first_token_time for s in req.seqs if s.first_token_time), default=None)
+        finished = req.finished
+        if finished:
+            m.finished_time = now
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished,
+                             min(s.num_cached_tokens for s in req.seqs), m)

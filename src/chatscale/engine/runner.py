@@ -1,0 +1,117 @@
+"""The model runner: the only place that turns scheduled sequences into tensors.
+
+It owns the KV pages (one [2, slots, kv_heads, head_dim] tensor per layer, preallocated from a
+byte budget), lays out each step's batch as [decodes | prefill chunks], and returns logits for
+the sequences whose last token was computed this step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chatscale.engine.config import EngineConfig, available_memory_bytes
+from chatscale.engine.sequence import Sequence
+from chatscale.models.attention import AttentionMetadata, PrefillChunk
+from chatscale.models.llama import LlamaForCausalLM
+
+
+def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
+    cfg = model.cfg
+    itemsize = model.embed.element_size()
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * block_size
+
+
+def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_bytes is not None:
+        return config.kv_cache_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * config.kv_cache_fraction)
+    return int(available_memory_bytes() * config.kv_cache_fraction)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int | None = None) -> None:
+        self.model = model
+        self.device = model.embed.device
+        self.block_size = config.block_size
+        cfg = model.cfg
+        per_block = kv_bytes_per_block(model, config.block_size)
+        if num_blocks is None:
+            num_blocks = kv_cache_budget(config, self.device) // per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV-cache budget holds no block of {per_block} bytes; raise --kv-cache-bytes")
+        self.num_blocks = num_blocks
+        slots = num_blocks * config.block_size
+        self.kv_caches = [
+            torch.empty(2, slots, cfg.num_kv_heads, cfg.head_dim, dtype=model.embed.dtype, device=self.device)
+            for _ in range(cfg.num_layers)
+        ]
+        self.sliding_window = cfg.sliding_window
+
+    def _tensor(self, data: list[int]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    def _slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
+        """Cache slots of positions [0, length) for each block table: [len(block_tables), length]."""
+        width = -(-length // self.block_size)
+        table = self._tensor([bt[:width] + [0] * (width - len(bt[:width])) for bt in block_tables])
+        pos = torch.arange(length, device=self.device)
+        return table[:, pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Causal (and sliding-window) visibility of keys at k_pos from queries at q_pos."""
+        ok = k_pos <= q_pos
+        if self.sliding_window is not None:
+            ok &= q_pos - k_pos < self.sliding_window
+        return ok
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
+        """Inputs, positions and attention layout of a step, the rows whose logits are needed and
+        the sequences those rows belong to."""
+        decodes = [(s, n) for s, n in scheduled if n == 1]
+        chunks = [(s, n) for s, n in scheduled if n > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        for seq, n in decodes + chunks:
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start: start + n]
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slot_mapping.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), num_decodes=len(decodes))
+        if decodes:
+            lens = self._tensor([s.num_computed_tokens + 1 for s, _ in decodes])
+            longest = int(lens.max())
+            meta.decode_slots = self._slots([s.block_table for s, _ in decodes], longest)
+            k_pos = torch.arange(longest, device=self.device)
+            meta.decode_mask = self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, None, :]
+        row = len(decodes)
+        for seq, n in chunks:
+            start = seq.num_computed_tokens
+            ctx = start + n
+            windowed = self.sliding_window is not None and ctx > self.sliding_window
+            slots = mask = None
+            if start > 0 or windowed:
+                slots = self._slots([seq.block_table], ctx)[0] if start > 0 else None
+                q_pos = torch.arange(start, ctx, device=self.device)
+                mask = self._visible(q_pos[:, None], torch.arange(ctx, device=self.device)[None, :])
+            meta.prefills.append(PrefillChunk(row, row + n, slots, mask))
+            row += n
+        # A sequence needs logits only when this step computes its last known token.
+        rows, sampled, row = [], [], 0
+        for seq, n in decodes + chunks:
+            row += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                rows.append(row - 1)
+                sampled.append(seq)
+        return self._tensor(ids), self._tensor(positions), meta, rows, sampled
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step; returns logits [S, vocab] (fp32) and the S sequences they belong to."""
+        input_ids, positions, meta, rows, sampled = self.prepare(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.logits(hidden[self._tensor(rows)]), sampled

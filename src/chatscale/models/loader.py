@@ -1,0 +1,78 @@
+"""Load a Hugging Face model directory: config, (sharded) safetensors and generation defaults."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from chatscale.models.config import ModelConfig
+from chatscale.models.llama import LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerationDefaults:
+    """generation_config.json: the checkpoint author's stop tokens and sampling defaults."""
+
+    eos_token_ids: list[int] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "GenerationDefaults":
+        file = path / "generation_config.json"
+        if not file.is_file():
+            return cls()
+        cfg = json.loads(file.read_text())
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        sampling = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+        if cfg.get("do_sample") is False:
+            sampling["temperature"] = 0.0
+        return cls(eos_ids, sampling)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (model.safetensors or shards with an index)")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: the shard index names {f.name}, which is missing")
+    return files
+
+
+def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def resolve_dtype(cfg: ModelConfig, requested: str) -> torch.dtype:
+    name = cfg.dtype if requested == "auto" else requested
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> LlamaForCausalLM:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    cfg = ModelConfig.from_dir(path)
+    model = LlamaForCausalLM(cfg, resolve_dtype(cfg, dtype), torch.device(device))
+    model.load_weights(iter_weights(path))
+    return model.eval()

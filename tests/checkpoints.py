@@ -1,0 +1,81 @@
+"""Tiny random Hugging Face checkpoints for tests, written with transformers (the reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The KV cache holds keys and values of every token.",
+    "Continuous batching keeps the batch full. Prefill computes the prompt; decode adds one token.",
+    "Héllo wörld! Ünïcode façade naïve café — 東京 ありがとう 🙂 emoji and UTF-8 bytes.",
+    "def f(x):\n    return x * 2  # numbers 0123456789 and punctuation ,.;:!?",
+] * 20
+
+
+def write_tokenizer(path: Path, vocab_size: int = 320) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
+    }))
+
+
+def hf_config(arch: str, vocab_size: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  eos_token_id=2, bos_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    if arch == "llama_mha":
+        return LlamaConfig(**{**common, "num_key_value_heads": 4})
+    if arch == "llama_mqa":
+        return LlamaConfig(**{**common, "num_key_value_heads": 1})
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=24)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=32)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "llama_mha", "llama_mqa", "mistral", "qwen2", "qwen3"]
+
+
+def make_checkpoint(path: Path, arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A random model of `arch` with the shared test tokenizer, saved as an HF directory."""
+    from transformers import AutoModelForCausalLM
+
+    write_tokenizer(path)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(seed)
+    cfg = hf_config(arch, vocab_size=vocab)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():  # random init is tiny; larger weights make logits differ per token
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if p.dim() == 1 else 0.0)
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(arch, dtype=fp32) -> path of a cached tiny random HF model."""
+    import torch
+
+    cache: dict = {}
+
+    def get(arch: str = "llama", dtype=torch.float32) -> Path:
+        key = (arch, dtype)
+        if key not in cache:
+            cache[key] = make_checkpoint(tmp_path_factory.mktemp(f"{arch}_{str(dtype)[6:]}"), arch, dtype)
+        return cache[key]
+
+    return get
