@@ -38,11 +38,18 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from chatscale.bench.cli import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_chat(sub)
     _add_plan(sub)
+    _add_bench(sub)
     return parser
 
 
