@@ -1,6 +1,6 @@
 """The model runner: the only place that turns scheduled sequences into tensors.
 
-It owns the KV pages (one [2, slots, kv_heads, head_dim] tensor per layer, preallocated from a
+It owns the KV pages (one [2, kv_heads, slots, head_dim] tensor per layer, preallocated from a
 byte budget), lays out each step's batch as [decodes | prefill chunks], and returns logits for
 the sequences whose last token was computed this step.
 """
@@ -43,8 +43,9 @@ class ModelRunner:
             raise ValueError(f"the KV-cache budget holds no block of {per_block} bytes; raise --kv-cache-bytes")
         self.num_blocks = num_blocks
         slots = num_blocks * config.block_size
+        # Zeroed, not empty: padding pages are masked out of attention, but 0 * NaN would still poison it.
         self.kv_caches = [
-            torch.empty(2, slots, cfg.num_kv_heads, cfg.head_dim, dtype=model.embed.dtype, device=self.device)
+            torch.zeros(2, cfg.num_kv_heads, slots, cfg.head_dim, dtype=model.embed.dtype, device=self.device)
             for _ in range(cfg.num_layers)
         ]
         self.sliding_window = cfg.sliding_window
@@ -52,12 +53,10 @@ class ModelRunner:
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
 
-    def _slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
-        """Cache slots of positions [0, length) for each block table: [len(block_tables), length]."""
+    def _pages(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
+        """The pages holding positions [0, length) of each table, padded with page 0: [B, pages]."""
         width = -(-length // self.block_size)
-        table = self._tensor([bt[:width] + [0] * (width - len(bt[:width])) for bt in block_tables])
-        pos = torch.arange(length, device=self.device)
-        return table[:, pos // self.block_size] * self.block_size + pos % self.block_size
+        return self._tensor([bt[:width] + [0] * (width - len(bt[:width])) for bt in block_tables])
 
     def _visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Causal (and sliding-window) visibility of keys at k_pos from queries at q_pos."""
@@ -81,24 +80,25 @@ class ModelRunner:
             for pos in range(start, start + n):
                 positions.append(pos)
                 slot_mapping.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), num_decodes=len(decodes))
+        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), block_size=self.block_size,
+                                 num_decodes=len(decodes))
         if decodes:
             lens = self._tensor([s.num_computed_tokens + 1 for s, _ in decodes])
-            longest = int(lens.max())
-            meta.decode_slots = self._slots([s.block_table for s, _ in decodes], longest)
-            k_pos = torch.arange(longest, device=self.device)
-            meta.decode_mask = self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, None, :]
+            meta.decode_blocks = self._pages([s.block_table for s, _ in decodes], int(lens.max()))
+            k_pos = torch.arange(meta.decode_blocks.shape[1] * self.block_size, device=self.device)
+            meta.decode_mask = self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, :]
         row = len(decodes)
         for seq, n in chunks:
             start = seq.num_computed_tokens
             ctx = start + n
             windowed = self.sliding_window is not None and ctx > self.sliding_window
-            slots = mask = None
+            pages = mask = None
             if start > 0 or windowed:
-                slots = self._slots([seq.block_table], ctx)[0] if start > 0 else None
+                pages = self._pages([seq.block_table], ctx) if start > 0 else None
+                width = ctx if pages is None else pages.shape[1] * self.block_size
                 q_pos = torch.arange(start, ctx, device=self.device)
-                mask = self._visible(q_pos[:, None], torch.arange(ctx, device=self.device)[None, :])
-            meta.prefills.append(PrefillChunk(row, row + n, slots, mask))
+                mask = self._visible(q_pos[:, None], torch.arange(width, device=self.device)[None, :])
+            meta.prefills.append(PrefillChunk(row, row + n, pages, mask))
             row += n
         # A sequence needs logits only when this step computes its last known token.
         rows, sampled, row = [], [], 0

@@ -19,8 +19,8 @@ class PrefillChunk:
 
     start_row: int
     end_row: int
-    slots: torch.Tensor | None  # cache slots of positions [0, ctx_len); None: no earlier context
-    mask: torch.Tensor | None  # [n, ctx_len] bool; None: plain causal over the chunk itself
+    blocks: torch.Tensor | None  # pages holding positions [0, ctx_len); None: no earlier context
+    mask: torch.Tensor | None  # [n, pages * block_size] bool; None: plain causal over the chunk itself
 
 
 @dataclass
@@ -28,10 +28,23 @@ class AttentionMetadata:
     """Everything attention needs about one step's layout, built once and shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
+    block_size: int = 16
     num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # [D, L] slots of each decode's context (padded)
-    decode_mask: torch.Tensor | None = None  # [D, 1, 1, L] bool, False on padding
+    decode_blocks: torch.Tensor | None = None  # [D, pages] block table of each decode (padded)
+    decode_mask: torch.Tensor | None = None  # [D, 1, L] bool: False on padding (and outside a window)
     prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[KVH, slots, dim] cache, [B, pages] tables -> [KVH, B, pages * block_size, dim].
+
+    Whole pages are copied (block_size * dim contiguous values each), far faster than a
+    token-by-token gather.
+    """
+    kv_heads, slots, dim = cache.shape
+    pages = cache.view(kv_heads, slots // block_size, block_size * dim)
+    b, n = block_tables.shape
+    return pages.index_select(1, block_tables.reshape(-1)).view(kv_heads, b, n * block_size, dim)
 
 
 def paged_attention(
@@ -42,33 +55,48 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, slots, KVH, D]. Returns [T, H, D]."""
+    """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, KVH, slots, D]. Returns [T, H, D].
+
+    The cache is heads-first so that gathering a context by slot yields, per KV head, one
+    contiguous [tokens, D] matrix: the batched matmuls read it without another copy.
+    """
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    gqa = q.shape[1] != k.shape[1]
+    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
-        ks = k_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, D]
-        vs = v_cache[meta.decode_slots].transpose(1, 2)
-        out[:d] = F.scaled_dot_product_attention(
-            q[:d].unsqueeze(2), ks, vs, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        ).squeeze(2)
+        out[:d] = _decode_attention(q[:d], k_cache, v_cache, meta, scale)
+    gqa = q.shape[1] != k.shape[1]
     for chunk in meta.prefills:
         rows = slice(chunk.start_row, chunk.end_row)
-        if chunk.slots is None:
-            ks, vs = k[rows], v[rows]
+        if chunk.blocks is None:
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            ks, vs = k_cache[chunk.slots], v_cache[chunk.slots]
+            ks = gather_pages(k_cache, chunk.blocks, meta.block_size)[:, 0]
+            vs = gather_pages(v_cache, chunk.blocks, meta.block_size)[:, 0]
         o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1).unsqueeze(0),
-            ks.transpose(0, 1).unsqueeze(0),
-            vs.transpose(0, 1).unsqueeze(0),
-            attn_mask=chunk.mask,
-            is_causal=chunk.mask is None,
-            scale=scale,
-            enable_gqa=gqa,
+            q[rows].transpose(0, 1).unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+            attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=gqa,
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence against its paged context, as two batched matmuls per step.
+
+    Queries of the `group` heads sharing a KV head are stacked, so K/V are never repeated (GQA/MQA).
+    """
+    d, heads, dim = q.shape
+    kv_heads = k_cache.shape[0]
+    group = heads // kv_heads
+    ks = gather_pages(k_cache, meta.decode_blocks, meta.block_size).view(kv_heads * d, -1, dim)  # [KVH*D, L, dim]
+    vs = gather_pages(v_cache, meta.decode_blocks, meta.block_size).view(kv_heads * d, -1, dim)
+    qs = q.view(d, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * d, group, dim)
+    scores = torch.bmm(qs, ks.transpose(1, 2)).float().mul_(scale)  # [KVH*D, group, L]
+    scores = scores.view(kv_heads, d, group, -1).masked_fill_(~meta.decode_mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype).view(kv_heads * d, group, -1)
+    out = torch.bmm(probs, vs)  # [KVH*D, group, dim]
+    return out.view(kv_heads, d, group, dim).transpose(0, 1).reshape(d, heads, dim)
