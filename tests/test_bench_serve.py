@@ -147,9 +147,11 @@ def _fake_openai_app(seen: list[dict]):
     async def models(request):
         return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
-    async def tokenize(request):
+    async def tokenize(request):  # llama.cpp's shape: the client's first (vLLM-shaped) try is refused
         body = await request.json()
-        return JSONResponse({"tokens": [1] * (TOKENS_PER_WORD * len(body["prompt"].split()))})
+        if set(body) != {"content"}:
+            return JSONResponse({"detail": "unknown field"}, status_code=422)
+        return JSONResponse({"tokens": [1] * (TOKENS_PER_WORD * len(body["content"].split()))})
 
     async def chat(request):
         body = await request.json()

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 
 from chatscale.bench.stats import RequestRecord
-from chatscale.bench.workloads import WORDS, Session
+from chatscale.bench.workloads import Session, calibration_text
 
 # Typical English BPE ratio, used only when the server cannot tokenize for us.
 ESTIMATED_TOKENS_PER_WORD = 1.3
@@ -56,27 +56,28 @@ class OpenAIClient:
     async def count_tokens(self, text: str) -> int | None:
         """Tokens of `text` by the server's tokenizer, or None where it offers no /tokenize.
 
-        Sends both field names in use: `prompt` (vLLM, chatscale) and `content` (llama.cpp)."""
-        try:
-            resp = await self.http.post(f"{self.base_url}/tokenize",
-                                        json={"model": self.model, "prompt": text, "content": text,
-                                              "add_special_tokens": False})
-        except httpx.HTTPError:
-            return None
-        if resp.status_code != 200:
-            return None
-        body = resp.json()
-        if isinstance(body.get("count"), int):
-            return body["count"]
-        return len(body["tokens"]) if isinstance(body.get("tokens"), list) else None
+        Tries vLLM's and chatscale's body (`prompt`), then llama.cpp's (`content`): each server
+        rejects or ignores the other's field."""
+        for body in ({"model": self.model, "prompt": text, "add_special_tokens": False}, {"content": text}):
+            try:
+                resp = await self.http.post(f"{self.base_url}/tokenize", json=body)
+            except httpx.HTTPError:
+                return None
+            if resp.status_code == 200:
+                data = resp.json()
+                if isinstance(data.get("count"), int):
+                    return data["count"]
+                if isinstance(data.get("tokens"), list):
+                    return len(data["tokens"])
+        return None
 
     async def tokens_per_word(self) -> tuple[float, str]:
         """How many of the server's tokens one prompt word costs, and where the figure came from."""
-        sample = " ".join(WORDS * 2)
+        sample, words = calibration_text()
         n = await self.count_tokens(sample)
         if not n:
             return ESTIMATED_TOKENS_PER_WORD, "estimate"
-        return n / (2 * len(WORDS)), "server"
+        return n / words, "server"
 
     def _payload(self, messages: list[dict], max_tokens: int) -> dict:
         body: dict = {"model": self.model, "max_tokens": max_tokens, "temperature": self.temperature,

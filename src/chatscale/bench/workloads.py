@@ -190,6 +190,13 @@ def trace_sessions(records: list[TraceRecord]) -> list[Session]:
 
 # ---- prompt text -------------------------------------------------------------------------------
 
+def calibration_text() -> tuple[str, int]:
+    """A sample of prompt words and its word count: a tokenizer's count of it over the word count is
+    the tokens-per-word ratio that sizes every prompt."""
+    words = WORDS * 2
+    return " ".join(words), len(words)
+
+
 def words_for(n_tokens: int, tokens_per_word: float) -> int:
     return max(1, round(n_tokens / tokens_per_word))
 
