@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,9 +15,15 @@ from chatscale.engine.sequence import Sequence, SequenceStatus
 
 def check_invariants(sched: Scheduler, live: list[Sequence]) -> None:
     kv = sched.kv
-    held = [b for s in live for b in s.block_table]
-    assert len(held) == len(set(held)), "a block is owned twice"
-    assert len(held) + kv.num_free_blocks == kv.num_blocks, "a block leaked"
+    holders = Counter(b for s in live for b in s.block_table)
+    for s in live:
+        assert len(set(s.block_table)) == len(s.block_table), "a sequence holds a block twice"
+    for block in kv.blocks:
+        assert block.ref_count == holders[block.block_id], "reference count out of step with holders"
+    assert len(holders) + kv.num_free_blocks == kv.num_blocks, "a block leaked"
+    for block in kv.blocks:  # a cached chain never has a hole: every cached page's parent is cached
+        if block.hash is not None and block.parent is not None:
+            assert kv.blocks[block.parent].hash is not None
     for s in sched.waiting:
         assert s.status is SequenceStatus.WAITING
     for s in sched.running:
@@ -33,7 +41,8 @@ def step(sched: Scheduler) -> list[Sequence]:
     for seq, n in out.scheduled:
         assert n >= 1 and seq.status is SequenceStatus.RUNNING
         assert len(seq.block_table) * sched.kv.block_size >= seq.num_computed_tokens + n
-        seq.num_computed_tokens += n
+    sched.advance(out)
+    for seq, n in out.scheduled:
         if seq.num_computed_tokens == seq.num_tokens:
             seq.append_token(7)
             if seq.num_output_tokens >= seq.params.max_tokens:
@@ -42,7 +51,8 @@ def step(sched: Scheduler) -> list[Sequence]:
     return finished
 
 
-request = st.tuples(st.integers(1, 80), st.integers(1, 24), st.integers(0, 6))  # prompt, max_tokens, arrival step
+# prompt length, max_tokens, arrival step, prompt family (same family: a shared prefix)
+request = st.tuples(st.integers(1, 80), st.integers(1, 24), st.integers(0, 6), st.integers(0, 2))
 
 
 @settings(max_examples=150, deadline=None)
@@ -54,16 +64,18 @@ request = st.tuples(st.integers(1, 80), st.integers(1, 24), st.integers(0, 6))  
     budget=st.integers(1, 96),
     aborts=st.sets(st.integers(0, 23), max_size=6),
     abort_step=st.integers(0, 30),
+    prefix_caching=st.booleans(),
 )
 def test_every_request_completes_and_no_block_leaks(requests, block_size, spare_blocks, max_num_seqs, budget,
-                                                    aborts, abort_step):
-    need = max(-(-(p + m) // block_size) for p, m, _ in requests)
-    kv = KVCacheManager(need + spare_blocks, block_size)  # the largest request always fits alone
+                                                    aborts, abort_step, prefix_caching):
+    need = max(-(-(p + m) // block_size) for p, m, _, _ in requests)
+    kv = KVCacheManager(need + spare_blocks, block_size, prefix_caching)  # the largest request fits alone
     sched = Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    seqs = [Sequence(f"r{i}", [1] * p, SamplingParams(max_tokens=m)) for i, (p, m, _) in enumerate(requests)]
+    seqs = [Sequence(f"r{i}", [10 + f] * (p // 2) + list(range(p - p // 2)), SamplingParams(max_tokens=m))
+            for i, (p, m, _, f) in enumerate(requests)]
     done: set[int] = set()
     for t in range(10_000):
-        for seq, (_, _, arrival) in zip(seqs, requests):
+        for seq, (_, _, arrival, _) in zip(seqs, requests):
             if arrival == t:
                 sched.add(seq)
         if t == abort_step:
@@ -98,8 +110,8 @@ def test_decodes_keep_flowing_while_a_long_prompt_is_chunked():
         out = sched.schedule()
         sizes = {s.request_id: n for s, n in out.scheduled}
         assert sizes["short"] == 1 and sizes["long"] == 15  # decode first, the chunk fills the rest
-        for seq, n in out.scheduled:
-            seq.num_computed_tokens += n
+        sched.advance(out)
+        for seq, _ in out.scheduled:
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.append_token(7)
 
@@ -107,7 +119,7 @@ def test_decodes_keep_flowing_while_a_long_prompt_is_chunked():
 def test_preemption_takes_the_newest_and_requeues_it_first():
     kv = KVCacheManager(6, 4)
     sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
-    a, b, c = (Sequence(x, [1] * 8, SamplingParams(max_tokens=20)) for x in "abc")
+    a, b, c = (Sequence(x, [ord(x)] * 8, SamplingParams(max_tokens=20)) for x in "abc")
     for s in (a, b, c):
         sched.add(s)
     step(sched)  # a, b, c prefilled: 2 blocks each, the pool is full

@@ -41,7 +41,7 @@ class AsyncEngine:
 
     # ---- caller side (any asyncio loop) -------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Leaving the iterator early (a client disconnect, a
         cancelled task) aborts the request in the engine and frees its pages."""
         if self.error is not None:
@@ -53,7 +53,7 @@ class AsyncEngine:
         self.engine.check_request(ids, params)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._commands.put(("add", request_id, ids, params))
+        self._commands.put(("add", request_id, ids, params, cache_salt))
         finished = False
         try:
             while not finished:
@@ -84,10 +84,10 @@ class AsyncEngine:
     # ---- loop thread --------------------------------------------------------------------------
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, ids, params = command
+            _, request_id, ids, params, cache_salt = command
             if request_id in self._streams:  # not cancelled while queued
                 try:
-                    self.engine.add_request(ids, params, request_id)
+                    self.engine.add_request(ids, params, request_id, cache_salt)
                 except ValueError as exc:
                     self._deliver(exc, request_id)
         elif command[0] == "abort":

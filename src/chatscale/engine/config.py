@@ -25,6 +25,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     seed: int = 0
 
@@ -49,6 +50,8 @@ class EngineConfig:
         p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
         p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
         p.add_argument("--max-model-len", type=int, default=None)
+        p.add_argument("--no-prefix-cache", dest="enable_prefix_caching", action="store_false",
+                       help="recompute every prompt from scratch (prefix caching is on by default)")
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--seed", type=int, default=d["seed"].default)
 

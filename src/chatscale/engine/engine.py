@@ -79,11 +79,12 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(self.model, config, num_blocks)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
+        self.total_scheduled_tokens = 0  # every token any step computed, prefill and decode
         self._ids = itertools.count()
 
     @property
@@ -100,7 +101,7 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, cache_salt: str | None = None) -> str:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -108,7 +109,8 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_request(ids, params)
         now = time.monotonic()
-        seqs = [Sequence(request_id, ids, params, index=i, arrival_time=now) for i in range(params.n)]
+        seqs = [Sequence(request_id, ids, params, index=i, arrival_time=now, cache_salt=cache_salt)
+                for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output,
                                          params.skip_special_tokens) for _ in seqs]
         self.requests[request_id] = _Request(request_id, ids, seqs, detoks, RequestMetrics(now), [0] * len(seqs))
@@ -170,10 +172,11 @@ class LLMEngine:
             return []
         start = time.monotonic()
         logits, seqs = self.runner.execute(plan.scheduled)
-        for seq, n in plan.scheduled:
+        for seq, _ in plan.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
-            seq.num_computed_tokens += n
+        self.scheduler.advance(plan)
+        self.total_scheduled_tokens += plan.num_batched_tokens
         tokens, logprobs = self.sampler(logits, seqs)
         now = time.monotonic()
         self.last_step = StepStats(

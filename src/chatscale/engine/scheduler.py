@@ -68,8 +68,8 @@ class Scheduler:
             break
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.kv.allocate(seq, n):
+            n = self.kv.allocate_prefix(seq, budget)  # cached prefix pages are reused, not recomputed
+            if n is None:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -77,6 +77,12 @@ class Scheduler:
             out.scheduled.append((seq, n))
             budget -= n
         return out
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """After the step ran: the scheduled tokens now have KV; full pages join the prefix cache."""
+        for seq, n in out.scheduled:
+            seq.num_computed_tokens += n
+            self.kv.commit(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

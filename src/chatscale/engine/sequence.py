@@ -43,7 +43,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    cache_salt: str | None = None  # isolates one tenant's prefix cache from another's
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    block_hashes: list = field(default_factory=list)  # chained hashes of full pages (KV manager's)
+    num_registered_blocks: int = 0  # leading pages already named in the prefix cache
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
