@@ -38,7 +38,8 @@ def write_tokenizer(path: Path, vocab_size: int = 320) -> None:
 
 
 def hf_config(arch: str, vocab_size: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                              Qwen3MoeConfig)
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -57,10 +58,21 @@ def hf_config(arch: str, vocab_size: int):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32)
+    moe = dict(common, intermediate_size=96, num_experts_per_tok=2)
+    if arch == "mixtral":
+        return MixtralConfig(**moe, num_local_experts=4)
+    if arch == "qwen2_moe":  # shared expert with a sigmoid gate, unnormalised top-k weights
+        return Qwen2MoeConfig(**moe, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                              norm_topk_prob=False)
+    if arch == "qwen3_moe":  # normalised top-k weights, a dense layer among sparse ones
+        return Qwen3MoeConfig(**moe, num_experts=4, moe_intermediate_size=32, head_dim=32, norm_topk_prob=True,
+                              mlp_only_layers=[1])
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "llama_mha", "llama_mqa", "mistral", "qwen2", "qwen3"]
+DENSE_ARCHS = ["llama", "llama_mha", "llama_mqa", "mistral", "qwen2", "qwen3"]
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = DENSE_ARCHS + MOE_ARCHS
 
 
 def make_checkpoint(path: Path, arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:

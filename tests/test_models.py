@@ -59,7 +59,7 @@ def test_greedy_single_and_batched_match_transformers(checkpoint, arch):
     assert [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)] == refs
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "mixtral"])
 def test_greedy_with_forced_chunked_prefill(checkpoint, arch):
     path = checkpoint(arch)
     batch = prompts([40, 7, 33])
@@ -68,7 +68,7 @@ def test_greedy_with_forced_chunked_prefill(checkpoint, arch):
     assert [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)] == refs
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2_moe"])
 def test_greedy_with_forced_preemption(checkpoint, arch):
     path = checkpoint(arch)
     batch = prompts([20, 25, 30, 18])
@@ -132,3 +132,13 @@ def test_clear_errors(checkpoint, tmp_path):
     (noweights / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_model(noweights)
+
+
+def test_moe_groups_tokens_by_expert(checkpoint):
+    """Every routed assignment lands in exactly one expert's batch: k per token per MoE layer."""
+    llm = LLM(str(checkpoint("mixtral")), num_blocks=64, block_size=4)
+    prompt = prompts([13])[0]
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1))
+    for layer in llm.engine.model.layers:
+        counts = layer.mlp.last_tokens_per_expert
+        assert sum(counts) == 2 * len(prompt) and len(counts) == 4

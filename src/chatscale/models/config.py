@@ -12,7 +12,11 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 class UnsupportedModelError(ValueError):
@@ -41,7 +45,16 @@ class ModelConfig:
     dtype: str
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    num_experts: int = 0  # 0: dense
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[bool, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[index]
 
     @property
     def num_params(self) -> int:
@@ -69,7 +82,7 @@ class ModelConfig:
             raise UnsupportedModelError(f"unsupported rope scaling {rope_type!r}; supported: llama3, linear")
         heads = cfg["num_attention_heads"]
         sliding = cfg.get("sliding_window")
-        if arch != "MistralForCausalLM":
+        if arch not in ("MistralForCausalLM", "MixtralForCausalLM"):
             if cfg.get("use_sliding_window"):
                 raise UnsupportedModelError(f"{arch} with use_sliding_window=true is not supported")
             sliding = None
@@ -88,14 +101,15 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope if rope_type != "default" else None,
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM") or bool(cfg.get("attention_bias")),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=sliding,
             hidden_act=cfg.get("hidden_act", "silu"),
             dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             raw=cfg,
+            **_moe_fields(arch, cfg),
         )
 
     @classmethod
@@ -104,3 +118,24 @@ class ModelConfig:
         if not file.is_file():
             raise FileNotFoundError(f"{path}: no config.json; is this a Hugging Face model directory?")
         return cls.from_dict(json.loads(file.read_text()))
+
+
+def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Expert counts and which layers are sparse; Qwen MoE can keep some layers dense."""
+    if arch not in MOE_ARCHITECTURES:
+        return {}
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    layers = cfg["num_hidden_layers"]
+    if arch == "MixtralForCausalLM":
+        sparse = (True,) * layers
+    else:
+        step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+        sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(layers))
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=cfg["num_experts_per_tok"],
+        moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+        shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+        norm_topk_prob=arch == "MixtralForCausalLM" or bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=sparse,
+    )

@@ -14,33 +14,25 @@ from torch import nn
 
 from chatscale.models.attention import AttentionMetadata, paged_attention
 from chatscale.models.config import ModelConfig
+from chatscale.models.layers import DenseMLP, param, rms_norm
+from chatscale.models.moe import SparseMoE
 from chatscale.models.rope import RotaryEmbedding, apply_rotary
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """torch's fused RMSNorm: one kernel instead of six, which matters on a launch-bound decode step."""
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
-def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, index: int) -> None:
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
         self.q_size, self.kv_size = cfg.num_heads * hd, cfg.num_kv_heads * hd
-        self.qkv_weight = _param(self.q_size + 2 * self.kv_size, h, dtype=dtype)
-        self.qkv_bias = _param(self.q_size + 2 * self.kv_size, dtype=dtype) if cfg.attention_bias else None
-        self.o_weight = _param(h, self.q_size, dtype=dtype)
-        self.gate_up_weight = _param(2 * cfg.intermediate_size, h, dtype=dtype)
-        self.down_weight = _param(h, cfg.intermediate_size, dtype=dtype)
-        self.input_norm = _param(h, dtype=dtype)
-        self.post_attention_norm = _param(h, dtype=dtype)
-        self.q_norm = _param(hd, dtype=dtype) if cfg.qk_norm else None
-        self.k_norm = _param(hd, dtype=dtype) if cfg.qk_norm else None
+        self.qkv_weight = param(self.q_size + 2 * self.kv_size, h, dtype=dtype)
+        self.qkv_bias = param(self.q_size + 2 * self.kv_size, dtype=dtype) if cfg.attention_bias else None
+        self.o_weight = param(h, self.q_size, dtype=dtype)
+        self.mlp = SparseMoE(cfg, dtype) if cfg.is_moe_layer(index) else DenseMLP(h, cfg.intermediate_size, dtype)
+        self.input_norm = param(h, dtype=dtype)
+        self.post_attention_norm = param(h, dtype=dtype)
+        self.q_norm = param(hd, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = param(hd, dtype=dtype) if cfg.qk_norm else None
         self.scale = hd**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -57,8 +49,22 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
         x = x + F.linear(attn.view(t, self.q_size), self.o_weight)
-        gate, up = F.linear(rms_norm(x, self.post_attention_norm, eps), self.gate_up_weight).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+        return x + self.mlp(rms_norm(x, self.post_attention_norm, eps))
+
+    def weight_slots(self) -> dict[str, torch.Tensor]:
+        """HF parameter name (within the layer) -> the view of our fused parameters it fills."""
+        q, kv = self.q_size, self.kv_size
+        slots = {
+            "self_attn.q_proj.weight": self.qkv_weight[:q], "self_attn.k_proj.weight": self.qkv_weight[q:q + kv],
+            "self_attn.v_proj.weight": self.qkv_weight[q + kv:], "self_attn.o_proj.weight": self.o_weight,
+            "input_layernorm.weight": self.input_norm, "post_attention_layernorm.weight": self.post_attention_norm,
+        }
+        if self.qkv_bias is not None:
+            slots |= {"self_attn.q_proj.bias": self.qkv_bias[:q], "self_attn.k_proj.bias": self.qkv_bias[q:q + kv],
+                      "self_attn.v_proj.bias": self.qkv_bias[q + kv:]}
+        if self.q_norm is not None:
+            slots |= {"self_attn.q_norm.weight": self.q_norm, "self_attn.k_norm.weight": self.k_norm}
+        return slots | self.mlp.weight_slots()
 
 
 class LlamaForCausalLM(nn.Module):
@@ -67,10 +73,10 @@ class LlamaForCausalLM(nn.Module):
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; supported: silu")
         self.cfg = cfg
-        self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
-        self.norm = _param(cfg.hidden_size, dtype=dtype)
-        self.lm_head = self.embed if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed = param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i) for i in range(cfg.num_layers))
+        self.norm = param(cfg.hidden_size, dtype=dtype)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.to(device)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                     cfg.rope_scaling, dtype, device)
@@ -92,49 +98,23 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the fused layout, checking every shape and that none is missing."""
         cfg = self.cfg
-        q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-        fused = {  # HF suffix -> (our parameter, first row, rows; None: the whole parameter)
-            "self_attn.q_proj.weight": ("qkv_weight", 0, q), "self_attn.k_proj.weight": ("qkv_weight", q, kv),
-            "self_attn.v_proj.weight": ("qkv_weight", q + kv, kv), "self_attn.q_proj.bias": ("qkv_bias", 0, q),
-            "self_attn.k_proj.bias": ("qkv_bias", q, kv), "self_attn.v_proj.bias": ("qkv_bias", q + kv, kv),
-            "mlp.gate_proj.weight": ("gate_up_weight", 0, i), "mlp.up_proj.weight": ("gate_up_weight", i, i),
-            "self_attn.o_proj.weight": ("o_weight", 0, None), "mlp.down_proj.weight": ("down_weight", 0, None),
-            "input_layernorm.weight": ("input_norm", 0, None),
-            "post_attention_layernorm.weight": ("post_attention_norm", 0, None),
-            "self_attn.q_norm.weight": ("q_norm", 0, None), "self_attn.k_norm.weight": ("k_norm", 0, None),
-        }
-        top = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        slots = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         if not cfg.tie_word_embeddings:
-            top["lm_head.weight"] = self.lm_head
-        expected = set(top) | {
-            f"model.layers.{n}.{suffix}"
-            for n in range(cfg.num_layers) for suffix, (attr, _, _) in fused.items()
-            if getattr(self.layers[n], attr) is not None
-        }
+            slots["lm_head.weight"] = self.lm_head
+        for n, layer in enumerate(self.layers):
+            slots |= {f"model.layers.{n}.{k}": v for k, v in layer.weight_slots().items()}
         seen: set[str] = set()
         for name, tensor in weights:
-            if name in top:
-                target, offset, size = top[name], 0, None
-            elif name.startswith("model.layers."):
-                n, suffix = name[len("model.layers."):].split(".", 1)
-                if suffix not in fused or int(n) >= cfg.num_layers:
-                    raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
-                attr, offset, size = fused[suffix]
-                target = getattr(self.layers[int(n)], attr)
-                if target is None:
-                    raise ValueError(f"unexpected weight {name!r}: the config does not enable it")
-            elif name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # some tied checkpoints store the copy anyway
-            elif "rotary_emb" in name:
-                continue
-            else:
+            target = slots.get(name)
+            if target is None:
+                if (name == "lm_head.weight" and cfg.tie_word_embeddings) or "rotary_emb" in name:
+                    continue  # a tied copy some checkpoints store anyway; precomputed RoPE tables
                 raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
-            rows = target if size is None else target[offset: offset + size]
-            if rows.shape != tensor.shape:
+            if target.shape != tensor.shape:
                 raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
-                                 f"config expects {tuple(rows.shape)}")
-            rows.copy_(tensor)
+                                 f"config expects {tuple(target.shape)}")
+            target.copy_(tensor)
             seen.add(name)
-        missing = expected - seen
+        missing = slots.keys() - seen
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:3]}")
