@@ -24,3 +24,13 @@ def checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def server_engine(checkpoint):
+    """A running AsyncEngine on the tiny llama for a server test module, shut down after it."""
+    from server_utils import make_engine
+
+    engine = make_engine(checkpoint("llama"))
+    yield engine
+    engine.shutdown()

@@ -44,10 +44,26 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from chatscale.server.settings import ServerSettings
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default 127.0.0.1:8000)")
+    _add_engine_args(p)
+    ServerSettings.add_cli_args(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from chatscale.server.main import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_chat(sub)
+    _add_serve(sub)
     _add_plan(sub)
     _add_bench(sub)
     return parser

@@ -1,0 +1,188 @@
+"""The OpenAI-compatible HTTP API over one AsyncEngine: routes only, each a thin hop to the engine.
+
+`create_app(engine, settings)` builds it; `chatscale serve` (server/main.py) runs it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from chatscale.engine.async_engine import AsyncEngine
+from chatscale.metrics import CONTENT_TYPE, Metrics
+from chatscale.server.completions import (
+    chat_completion, chat_prompt_ids, chat_stream, collect, text_completion, text_stream,
+)
+from chatscale.server.disconnect import cancel_on_disconnect
+from chatscale.server.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from chatscale.server.generation import outputs, prepare
+from chatscale.server.middleware import GateMiddleware
+from chatscale.server.protocol import (
+    ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+    Health, Model, ModelList, TokenizeRequest, TokenizeResponse,
+)
+from chatscale.server.settings import ServerSettings
+from chatscale.server.sse import SSEResponse
+from chatscale.server.state import ServerState
+
+log = logging.getLogger("chatscale.server")
+router = APIRouter()
+STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "the response, or its SSE stream"}}
+STATIC = Path(__file__).parent / "static"  # the chat page
+
+
+def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServerSettings) -> FastAPI:
+    """`engine` is a running engine (its owner shuts it down), or a function that loads one: it runs
+    in a thread at startup while /health answers 503 "loading", and the app shuts it down at exit."""
+    state = ServerState(settings, Metrics(settings.served_model_name))
+    state.engine = engine if isinstance(engine, AsyncEngine) else None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if state.engine is not None:
+            yield
+            return
+        loading = asyncio.create_task(_load(state, engine))
+        try:
+            yield
+        finally:
+            await loading
+            if state.engine is not None:
+                state.engine.shutdown()
+
+    app = FastAPI(title="chatscale", summary="OpenAI-compatible API over the chatscale engine", version="1",
+                  lifespan=lifespan, docs_url=None, redoc_url=None, responses=ERROR_RESPONSES)
+    app.state.server = state
+    app.state.created = int(time.time())
+    install_error_handlers(app)
+    app.add_middleware(GateMiddleware, state=state)
+    app.include_router(router)
+    _mount_chat_page(app)
+    return app
+
+
+# ---- the chat page (server/static/, shipped in the package): GET / and /static/* ----------------
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def _mount_chat_page(app: FastAPI) -> None:
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_api_route("/", lambda: FileResponse(STATIC_DIR / "index.html"), include_in_schema=False)
+
+
+async def _load(state: ServerState, loader: Callable[[], AsyncEngine]) -> None:
+    try:
+        state.engine = await asyncio.to_thread(loader)
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.exception("loading the model failed")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.settings.served_model_name:
+        raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})
+async def health(request: Request) -> JSONResponse:
+    """200 when requests can be served; 503 while loading, draining or after the engine failed."""
+    state = _state(request)
+    body = Health(status=state.status, error=state.load_error)
+    return JSONResponse(body.model_dump(exclude_none=True), 200 if body.status == "ok" else 503)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(request)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=Model)
+async def get_model(model_id: str, request: Request) -> Model:
+    _check_model(_state(request), model_id)
+    return _model_card(request)
+
+
+def _model_card(request: Request) -> Model:
+    state = _state(request)
+    return Model(id=state.settings.served_model_name, created=request.app.state.created,
+                 max_model_len=state.ready_engine().engine.max_model_len)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition: engine load gauges read now, token counters since start."""
+    state = _state(request)
+    if state.engine is not None:
+        state.metrics.observe_engine(state.engine.engine)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    state = _state(request)
+    core = state.ready_engine().engine
+    _check_model(state, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
+    if body.messages is not None:
+        ids = chat_prompt_ids(core.tokenizer, body.messages, body.add_generation_prompt)
+    else:
+        ids = core.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = _state(request)
+    core = state.ready_engine().engine
+    _check_model(state, body.model)
+    bad = [t for t in body.tokens if not 0 <= t < core.vocab_size]
+    if bad:
+        raise APIError(400, f"Token id {bad[0]} is outside the vocabulary [0, {core.vocab_size}).", param="tokens")
+    return DetokenizeResponse(prompt=core.tokenizer.decode(body.tokens))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMS)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | SSEResponse:
+    state = _state(request)
+    engine = state.ready_engine()
+    _check_model(state, body.model)
+    tokenizer = engine.engine.tokenizer
+    gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [chat_prompt_ids(tokenizer, body.messages)],
+                  body.sampling_overrides(), prompt_param="messages")
+    outs = outputs(engine, gen, state.metrics)
+    if body.stream:
+        return SSEResponse(chat_stream(gen, outs, tokenizer, body.include_usage))
+    return chat_completion(gen, await cancel_on_disconnect(request, collect(outs)), tokenizer)
+
+
+@router.post("/v1/completions", response_model=Completion, responses=STREAMS)
+async def completions(body: CompletionRequest, request: Request) -> Completion | SSEResponse:
+    state = _state(request)
+    engine = state.ready_engine()
+    _check_model(state, body.model)
+    gen = prepare(engine, "cmpl", state.settings.served_model_name, body.prompts(), body.sampling_overrides(),
+                  prompt_param="prompt")
+    outs = outputs(engine, gen, state.metrics)
+    tokenizer = engine.engine.tokenizer
+    if body.stream:
+        return SSEResponse(text_stream(gen, outs, tokenizer, body.include_usage))
+    return text_completion(gen, await cancel_on_disconnect(request, collect(outs)), tokenizer)

@@ -1,0 +1,104 @@
+"""One OpenAI generation request as engine requests: checked and tokenized before anything is
+queued (so every bad input is a 400, never a broken stream), then one engine request per prompt,
+each with `n` choices, their outputs merged as they arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from chatscale.engine.async_engine import AsyncEngine
+from chatscale.engine.engine import ContextLengthError
+from chatscale.engine.outputs import RequestOutput
+from chatscale.engine.sampling_params import SamplingParams
+from chatscale.metrics import Metrics
+from chatscale.server.errors import APIError
+from chatscale.server.protocol import PromptTokensDetails, Usage
+
+T = TypeVar("T")
+
+
+@dataclass
+class Generation:
+    id: str
+    created: int
+    model: str
+    prompts: list[list[int]]
+    params: list[SamplingParams]  # one copy per prompt: the engine fills max_tokens in place
+
+    @property
+    def n(self) -> int:
+        return self.params[0].n
+
+    def usage(self, finals: dict[int, RequestOutput]) -> Usage:
+        """Usage of the outputs so far; the prompt counts once however many choices it has."""
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(out.num_generated_tokens for out in finals.values())
+        cached = sum(out.num_cached_tokens for out in finals.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list[int]],
+            overrides: dict[str, Any], prompt_param: str) -> Generation:
+    """Raise an OpenAI 400 for anything the engine would refuse; `kind` prefixes the id."""
+    core = engine.engine
+    params = core.default_sampling_params(**overrides)
+    vocab = core.vocab_size
+    bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+    if bad:  # the engine indexes logits with these while min_tokens holds them back
+        raise APIError(400, f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})",
+                       param="stop_token_ids")
+    ids = [core.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    per_prompt = [replace(params) for _ in ids]
+    for prompt_ids, p in zip(ids, per_prompt):
+        try:
+            core.check_request(prompt_ids, p)
+        except ContextLengthError as exc:
+            raise APIError(400, str(exc), param=prompt_param, code=exc.code) from exc
+    return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt)
+
+
+async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every engine output of `gen`, tagged with its prompt's index. Closing this iterator (a
+    disconnect, a cancelled task) aborts every engine request behind it."""
+    streams = [engine.generate(ids, p, f"{gen.id}-{i}") for i, (ids, p) in enumerate(zip(gen.prompts, gen.params))]
+    started: set[int] = set()
+    async with aclosing(merge(streams)) as merged:
+        async for i, out in merged:
+            metrics.observe_output(out, first=i not in started)
+            started.add(i)
+            yield i, out
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave async iterators as their items arrive; closing the merge closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        async with aclosing(stream):
+            async for item in stream:
+                await queue.put((i, item))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    for task in tasks:
+        task.add_done_callback(queue.put_nowait)  # after its last item: pump puts in order
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if isinstance(item, asyncio.Task):
+                running -= 1
+                if not item.cancelled() and item.exception() is not None:
+                    raise item.exception()
+                continue
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,47 @@
+"""The HTTP server's own settings (the engine's are EngineConfig), shared by the CLI and tests.
+
+Light on purpose: `chatscale --help` imports this, so it must not pull in FastAPI or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str = "chatscale"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # set: every path but /health needs `Authorization: Bearer KEY`
+    max_concurrent_requests: int = 512  # generation requests in flight (queued or running); beyond: 429
+    max_body_bytes: int = 8 * 2**20
+    drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_requests < 1 or self.max_body_bytes < 1 or self.drain_timeout < 0:
+            raise ValueError("max_concurrent_requests and max_body_bytes must be positive, drain_timeout >= 0")
+
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser) -> None:
+        d = {f.name: f.default for f in fields(ServerSettings)}
+        p.add_argument("--host", default=d["host"])
+        p.add_argument("--port", type=int, default=d["port"])
+        p.add_argument("--api-key", default=os.environ.get("CHATSCALE_API_KEY", d["api_key"]),
+                       help="require `Authorization: Bearer KEY` on every path but /health "
+                            "(default: $CHATSCALE_API_KEY, which keeps the key out of `ps`)")
+        p.add_argument("--max-concurrent-requests", type=int, default=d["max_concurrent_requests"],
+                       help="generation requests in flight before answering 429 with Retry-After")
+        p.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"], help="larger bodies get 413")
+        p.add_argument("--drain-timeout", type=float, default=d["drain_timeout"],
+                       help="on SIGTERM, seconds in-flight requests get to finish before they are cut")
+        p.add_argument("--served-model-name", default=None,
+                       help="the `model` clients send (default: the model directory's name)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model_path: str) -> "ServerSettings":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "served_model_name"}
+        return cls(served_model_name=args.served_model_name or Path(model_path).name, **values)

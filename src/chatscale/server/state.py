@@ -1,0 +1,39 @@
+"""What one server process knows at run time: its engine (once loaded), whether it is draining,
+and how many generation requests it holds. Handlers and middleware share this one object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatscale.engine.async_engine import AsyncEngine
+from chatscale.metrics import Metrics
+from chatscale.server.errors import APIError
+from chatscale.server.settings import ServerSettings
+
+
+@dataclass(eq=False)
+class ServerState:
+    settings: ServerSettings
+    metrics: Metrics
+    engine: AsyncEngine | None = None
+    load_error: str | None = None
+    draining: bool = False
+    in_flight: int = 0
+
+    @property
+    def status(self) -> str:
+        """`ok` only when requests can be served: what /health reports to load balancers."""
+        if self.draining:
+            return "draining"
+        if self.load_error is not None or (self.engine is not None and self.engine.error is not None):
+            return "failed"
+        return "loading" if self.engine is None else "ok"
+
+    def ready_engine(self) -> AsyncEngine:
+        status = self.status
+        if status != "ok":
+            message = {"loading": "The model is still loading; retry shortly.",
+                       "draining": "This server is shutting down; retry on another replica.",
+                       "failed": "The engine is not running."}[status]
+            raise APIError(503, message, "server_error", code=f"server_{status}", headers={"Retry-After": "1"})
+        return self.engine

@@ -1,0 +1,256 @@
+"""The HTTP API in-process (Starlette's TestClient): response shapes, streams, every error's
+OpenAI shape and status, limits, the API key, loading/health, metrics and tokenize."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from server_utils import MODEL, api, make_engine, sse_events, wait_until
+
+USER = [{"role": "user", "content": "What is a KV cache?"}]
+LONG = {"max_tokens": 6, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def client(server_engine):
+    return TestClient(api(server_engine))
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, **body})
+
+
+def test_chat_completion_with_n_and_logprobs(client):
+    r = chat(client, n=2, logprobs=True, top_logprobs=3, seed=7, **LONG)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == MODEL
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for choice in body["choices"]:
+        assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] == "length"
+        content = choice["logprobs"]["content"]
+        assert len(content) == 6
+        for tok in content:
+            assert tok["logprob"] <= 0 and len(tok["top_logprobs"]) == 3 and tok["bytes"]
+            assert tok["top_logprobs"][0]["logprob"] >= tok["top_logprobs"][-1]["logprob"]
+        # bytes, not the per-token strings, rebuild the text (tokens may split UTF-8 characters); a
+        # character left incomplete at the end is in `bytes` but held back from the text
+        joined = b"".join(bytes(t["bytes"]) for t in content).decode(errors="replace")
+        assert joined.rstrip("\ufffd") == choice["message"]["content"].rstrip("\ufffd")
+    usage = body["usage"]
+    prompt = client.post("/tokenize", json={"messages": USER})
+    assert usage["prompt_tokens"] == prompt.json()["count"]
+    assert usage["completion_tokens"] == 12 and usage["total_tokens"] == usage["prompt_tokens"] + 12
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_chat_stream_matches_the_whole_answer(client):
+    whole = chat(client, temperature=0, **LONG).json()
+    with client.stream("POST", "/v1/chat/completions", json={"messages": USER, "temperature": 0, "stream": True,
+                                                              "stream_options": {"include_usage": True}, **LONG}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks, usage_chunk = events[:-2], events[-2]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert all(c["usage"] is None for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+
+    with client.stream("POST", "/v1/chat/completions", json={"messages": USER, "stream": True, **LONG}) as r:
+        plain = sse_events(r.iter_lines())
+    assert all("usage" not in c for c in plain[:-1])
+
+
+def test_completions_batch_of_prompts_streamed_and_not(client, server_engine):
+    prompts = ["The KV cache", "Continuous batching"]
+    body = {"prompt": prompts, "n": 2, "logprobs": 2, "temperature": 0, **LONG}
+    whole = client.post("/v1/completions", json=body).json()
+    assert whole["object"] == "text_completion"
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2, 3]
+    for choice in whole["choices"]:
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    ids = [server_engine.engine.tokenizer.encode(p) for p in prompts]
+    assert whole["usage"]["prompt_tokens"] == sum(map(len, ids))
+    assert whole["usage"]["completion_tokens"] == 24
+    by_ids = client.post("/v1/completions", json={**body, "prompt": ids}).json()
+    assert [c["text"] for c in by_ids["choices"]] == [c["text"] for c in whole["choices"]]
+
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r.iter_lines())
+    texts: dict[int, str] = {}
+    for chunk in events[:-1]:
+        for c in chunk["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}  # greedy: same text either way
+
+
+ERRORS = [
+    ({"messages": []}, 400, "messages", None),
+    ({"messages": USER, "n": "2"}, 400, "n", None),
+    ({"messages": USER, "n": 0}, 400, "n", None),
+    ({"messages": USER, "n": 129}, 400, "n", None),
+    ({"messages": USER, "temperature": 2.5}, 400, "temperature", None),
+    ({"messages": USER, "top_p": 0}, 400, "top_p", None),
+    ({"messages": USER, "top_p": 1.5}, 400, "top_p", None),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", None),
+    ({"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", None),
+    ({"messages": USER, "logit_bias": {"100000": 5}}, 400, "logit_bias", None),
+    ({"messages": USER, "logit_bias": {"the": 5}}, 400, "logit_bias.the", None),
+    ({"messages": USER, "logit_bias": {"1": 101}}, 400, "logit_bias.1", None),
+    ({"messages": USER, "stop_token_ids": [100000], "min_tokens": 2}, 400, "stop_token_ids", None),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.[0].role", None),
+    ({"messages": USER, "max_tokens": 10_000}, 400, "messages", "context_length_exceeded"),
+    ({"messages": USER, "model": "gpt-4o"}, 404, "model", "model_not_found"),
+    ({}, 400, "messages", "missing_required_parameter"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", ERRORS)
+def test_chat_errors_have_openai_shape(client, body, status, param, code):
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+def test_context_length_error_uses_openai_wording(client):
+    r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 600})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert error["message"].startswith("This model's maximum context length is 512 tokens. However, you requested")
+
+
+def test_malformed_requests(client):
+    r = client.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": [], "max_tokens": 2}).status_code == 400
+    assert client.post("/v1/completions", json={"prompt": [1, 10**6]}).json()["error"]["param"] == "prompt"
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
+    assert client.get("/v1/chat/completions").json()["error"]["type"] == "invalid_request_error"  # 405
+
+
+def test_body_size_limit(server_engine):
+    client = TestClient(api(server_engine, max_body_bytes=2000))
+    big = {"messages": [{"role": "user", "content": "x" * 3000}]}
+    r = client.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = client.post("/v1/chat/completions", content=iter([b'{"messages": [', b" " * 3000, b"]}"]),
+                          headers={"content-type": "application/json"})  # no Content-Length
+    assert chunked.status_code == 413
+    assert chat(client, **LONG).status_code == 200
+
+
+def test_api_key_denies_every_path_but_health_and_the_chat_page(server_engine):
+    client = TestClient(api(server_engine, api_key="sk-test"))
+    assert client.get("/health").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "static/chat.js" in page.text
+    assert client.get("/static/chat.js").status_code == 200
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/v1/nothing"):
+        r = client.get(path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+    wrong = client.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "invalid_request_error"
+    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-test"}).status_code == 200
+
+
+def test_health_while_loading_and_after_a_failed_load(checkpoint):
+    release, loaded = threading.Event(), []
+
+    def slow_loader():
+        assert release.wait(10)
+        loaded.append(make_engine(checkpoint("llama"), num_blocks=32))
+        return loaded[0]
+
+    with TestClient(api(slow_loader)) as client:
+        assert client.get("/health").json() == {"status": "loading"}
+        assert client.get("/health").status_code == 503
+        r = chat(client, **LONG)
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "server_loading"
+        release.set()
+        assert wait_until(lambda: client.get("/health").status_code == 200)
+        assert chat(client, **LONG).status_code == 200
+    assert not loaded[0]._thread.is_alive()  # the app shut down the engine it loaded
+
+    def broken():
+        raise FileNotFoundError("no config.json")
+
+    with TestClient(api(broken)) as client:
+        assert wait_until(lambda: client.get("/health").json().get("status") == "failed")
+        assert "no config.json" in client.get("/health").json()["error"]
+
+
+def test_models_tokenize_detokenize(client, server_engine):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == 512
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert client.get("/v1/models/gpt-4o").json()["error"]["code"] == "model_not_found"
+
+    tok = client.post("/tokenize", json={"prompt": "Héllo wörld"}).json()
+    tokenizer = server_engine.engine.tokenizer
+    assert tok["tokens"] == tokenizer.encode("Héllo wörld") and tok["count"] == len(tok["tokens"])
+    assert client.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": "Héllo wörld"}
+    chat_ids = client.post("/tokenize", json={"messages": USER}).json()["tokens"]
+    assert chat_ids == tokenizer.encode_chat(USER)
+    assert client.post("/tokenize", json={}).status_code == 400
+    assert client.post("/detokenize", json={"tokens": [10**6]}).json()["error"]["param"] == "tokens"
+
+
+def test_metrics_count_tokens_and_read_engine_load(server_engine):
+    client = TestClient(api(server_engine))
+    usage = chat(client, n=2, **LONG).json()["usage"]
+    text = client.get("/metrics").text
+
+    def value(name: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(f'chatscale:{name}{{model_name="{MODEL}"}}'))
+        return float(line.split()[-1])
+
+    assert value("prompt_tokens_total") == usage["prompt_tokens"]
+    assert value("generation_tokens_total") == usage["completion_tokens"] == 12
+    assert value("num_requests_running") == value("num_requests_waiting") == value("kv_cache_usage_perc") == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected failure
+def test_engine_failure_mid_stream_is_an_error_event(checkpoint):
+    engine = make_engine(checkpoint("llama"), num_blocks=64)
+    real_step, steps = engine.engine.step, []
+
+    def failing_step():
+        steps.append(1)
+        if len(steps) > 3:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    engine.engine.step = failing_step
+    client = TestClient(api(engine))
+    try:
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"messages": USER, "stream": True, "max_tokens": 50, "ignore_eos": True}) as r:
+            events = sse_events(r.iter_lines())
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        assert events[-2]["error"]["type"] == "server_error" and set(events[-2]["error"]) >= {"message", "code"}
+        assert client.get("/health").json() == {"status": "failed"}
+        assert chat(client, **LONG).status_code == 503
+    finally:
+        engine.shutdown()
+
+
+def test_openapi_documents_the_api(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+                 "/detokenize"):
+        assert path in spec["paths"], path
+    chat_op = spec["paths"]["/v1/chat/completions"]["post"]
+    assert {"400", "404", "429"} <= set(chat_op["responses"])
