@@ -86,7 +86,7 @@ class ModelRunner:
             lens = self._tensor([s.num_computed_tokens + 1 for s, _ in decodes])
             meta.decode_blocks = self._pages([s.block_table for s, _ in decodes], int(lens.max()))
             k_pos = torch.arange(meta.decode_blocks.shape[1] * self.block_size, device=self.device)
-            meta.decode_mask = self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, :]
+            meta.decode_hidden = ~self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, :]
         row = len(decodes)
         for seq, n in chunks:
             start = seq.num_computed_tokens

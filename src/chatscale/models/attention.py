@@ -31,7 +31,7 @@ class AttentionMetadata:
     block_size: int = 16
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None  # [D, pages] block table of each decode (padded)
-    decode_mask: torch.Tensor | None = None  # [D, 1, L] bool: False on padding (and outside a window)
+    decode_hidden: torch.Tensor | None = None  # [D, 1, L] bool: True on padding (and outside a window)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -94,9 +94,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = heads // kv_heads
     ks = gather_pages(k_cache, meta.decode_blocks, meta.block_size).view(kv_heads * d, -1, dim)  # [KVH*D, L, dim]
     vs = gather_pages(v_cache, meta.decode_blocks, meta.block_size).view(kv_heads * d, -1, dim)
-    qs = q.view(d, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * d, group, dim)
-    scores = torch.bmm(qs, ks.transpose(1, 2)).float().mul_(scale)  # [KVH*D, group, L]
-    scores = scores.view(kv_heads, d, group, -1).masked_fill_(~meta.decode_mask, float("-inf"))
+    qs = (q * scale).view(d, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * d, group, dim)
+    scores = torch.bmm(qs, ks.transpose(1, 2)).float()  # [KVH*D, group, L]
+    scores = scores.view(kv_heads, d, group, -1).masked_fill_(meta.decode_hidden, float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype).view(kv_heads * d, group, -1)
     out = torch.bmm(probs, vs)  # [KVH*D, group, dim]
     return out.view(kv_heads, d, group, dim).transpose(0, 1).reshape(d, heads, dim)
