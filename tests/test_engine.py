@@ -82,7 +82,17 @@ def test_request_limits(llm):
     with pytest.raises(InvalidRequestError) as exc:
         e.add_request([1], SamplingParams(logit_bias={10**6: 1.0}))
     assert exc.value.param == "logit_bias"
+    with pytest.raises(InvalidRequestError) as exc:
+        e.add_request([1], SamplingParams(stop_token_ids=[-1], min_tokens=2))
+    assert exc.value.param == "stop_token_ids"
     assert all_free(llm)
+
+
+def test_extreme_but_valid_sampling_values_do_not_break_the_step(llm):
+    params = SamplingParams(temperature=1.0, seed=-(2**63), top_k=2**62, max_tokens=3, ignore_eos=True)
+    out = llm.generate("Hello", params)[0].outputs[0]
+    assert len(out.token_ids) == 3
+    assert llm.generate("Hello", params)[0].outputs[0].token_ids == out.token_ids
 
 
 def test_async_engine_serves_many_callers_and_cancellation_frees_blocks(checkpoint):

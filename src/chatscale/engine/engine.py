@@ -129,6 +129,10 @@ class LLMEngine:
         if bad_bias:
             raise InvalidRequestError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {vocab})",
                                       "logit_bias")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= int(t) < vocab]
+        if bad_stop:
+            raise InvalidRequestError(f"stop_token_ids id {bad_stop[0]} is outside the vocabulary [0, {vocab})",
+                                      "stop_token_ids")
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(ids))
         total = len(ids) + params.max_tokens

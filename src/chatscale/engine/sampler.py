@@ -29,8 +29,8 @@ def _generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
         return None
     if seq.rng is None:
         seq.rng = torch.Generator(device=device)
-        # Each of the n choices gets its own stream, so they differ yet reproduce.
-        seq.rng.manual_seed(seq.params.seed * 1_000_003 + seq.index)
+        # Each of the n choices gets its own stream, so they differ yet reproduce; any int64 seed fits.
+        seq.rng.manual_seed((seq.params.seed * 1_000_003 + seq.index) % (1 << 63))
     return seq.rng
 
 
@@ -91,7 +91,7 @@ class Sampler:
             if any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
                 x = truncate(
                     x,
-                    torch.tensor([p.top_k for p in ps], device=x.device),
+                    torch.tensor([min(p.top_k, x.shape[-1]) for p in ps], device=x.device),
                     torch.tensor([p.top_p for p in ps], device=x.device),
                     torch.tensor([p.min_p for p in ps], device=x.device),
                 )
