@@ -125,3 +125,40 @@ def test_recomputed_tokens_are_counted():
     sched.finish(other)
     admit(sched, [1] * 12 + [2])  # it comes back: those 12 tokens are computed a second time
     assert kv.stats.recomputed == 12
+
+
+# ---- the second tier -----------------------------------------------------------------------------
+
+def test_evicted_pages_come_back_from_the_second_tier(checkpoint):
+    path = str(checkpoint("llama"))
+    tiered = LLM(path, num_blocks=16, block_size=4, kv_host_bytes=1 << 20)
+    assert tiered.engine.tier_report.pays and tiered.engine.kv.tier is not None
+    plain = LLM(path, num_blocks=16, block_size=4, enable_prefix_caching=False)
+    conv_a, conv_b = list(range(5, 45)), list(range(100, 140))
+    run(tiered, conv_a)
+    run(tiered, conv_b)  # 16 pages: B's pages push A's out, into the second tier
+    kv = tiered.engine.kv
+    assert kv.stats.tier_stores >= 9
+    again, cost = run(tiered, conv_a)
+    assert kv.stats.tier_restores == 9 and again.num_cached_tokens == 36
+    assert cost == 40 - 36 + 24 - 1  # only the tail of the prompt is computed
+    assert again.outputs[0].token_ids == run(plain, conv_a)[0].outputs[0].token_ids
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_host_tier_is_lru_and_verifies_entries():
+    from chatscale.engine.kv_tier import HostTier
+
+    tier = HostTier(2)
+    a = tier.store("a", (1, 2), None)
+    tier.store("b", (3, 4), "a")
+    assert tier.find("a", (1, 2), None).slot == a
+    assert tier.find("b", (3, 5), "a") is None  # same hash, other tokens: a collision, not a hit
+    assert tier.find("b", (3, 4), "x") is None  # other parent
+    tier.store("c", (5, 6), "b")  # full: the oldest ("a") goes
+    assert tier.find("a", (1, 2), None) is None and len(tier) == 2
+    tier.take("b")
+    assert tier.find("b", (3, 4), "a") is None and len(tier) == 1
+    roomy = HostTier(3)
+    slot = roomy.take("x") if roomy.store("x", (1,), None) is not None else None
+    assert roomy.store("y", (2,), None) != slot  # a restored slot is reused last, after its copy ran

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatscale.engine.kv_cache import KVCacheManager
+from chatscale.engine.kv_tier import HostTier
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.scheduler import Scheduler
 from chatscale.engine.sequence import Sequence, SequenceStatus
@@ -36,6 +37,10 @@ def step(sched: Scheduler) -> list[Sequence]:
     """One engine step with a fake model: every sequence that reaches its end gets token 7."""
     out = sched.schedule()
     assert out.num_batched_tokens <= sched.max_num_batched_tokens
+    for kind, a, b in out.copies:  # page moves name real pages and tier slots
+        block, slot = (a, b) if kind == "out" else (b, a)
+        assert kind in ("out", "in") and 0 <= block < sched.kv.num_blocks
+        assert 0 <= slot < sched.kv.tier.num_slots
     assert len({id(s) for s, _ in out.scheduled}) == len(out.scheduled)
     finished = []
     for seq, n in out.scheduled:
@@ -65,11 +70,13 @@ request = st.tuples(st.integers(1, 80), st.integers(1, 24), st.integers(0, 6), s
     aborts=st.sets(st.integers(0, 23), max_size=6),
     abort_step=st.integers(0, 30),
     prefix_caching=st.booleans(),
+    tier_pages=st.sampled_from([0, 3, 64]),
 )
 def test_every_request_completes_and_no_block_leaks(requests, block_size, spare_blocks, max_num_seqs, budget,
-                                                    aborts, abort_step, prefix_caching):
+                                                    aborts, abort_step, prefix_caching, tier_pages):
     need = max(-(-(p + m) // block_size) for p, m, _, _ in requests)
-    kv = KVCacheManager(need + spare_blocks, block_size, prefix_caching)  # the largest request fits alone
+    tier = HostTier(tier_pages) if tier_pages else None
+    kv = KVCacheManager(need + spare_blocks, block_size, prefix_caching, tier=tier)  # the largest fits alone
     sched = Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
     seqs = [Sequence(f"r{i}", [10 + f] * (p // 2) + list(range(p - p // 2)), SamplingParams(max_tokens=m))
             for i, (p, m, _, f) in enumerate(requests)]

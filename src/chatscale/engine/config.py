@@ -26,6 +26,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enable_prefix_caching: bool = True
+    kv_host_bytes: int = 0  # second KV tier (host memory on GPU, a disk area on CPU); 0: off
+    kv_host_dir: str | None = None  # where the CPU disk area lives (default: the temp directory)
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     seed: int = 0
 
@@ -52,6 +54,10 @@ class EngineConfig:
         p.add_argument("--max-model-len", type=int, default=None)
         p.add_argument("--no-prefix-cache", dest="enable_prefix_caching", action="store_false",
                        help="recompute every prompt from scratch (prefix caching is on by default)")
+        p.add_argument("--kv-host-bytes", type=_parse_bytes, default=0,
+                       help="second KV tier for evicted prefix pages, e.g. 8GiB (host memory behind a GPU, "
+                            "a disk area on CPU); kept only if restoring measures cheaper than recomputing")
+        p.add_argument("--kv-host-dir", default=None, help="directory of the CPU second tier (default: temp)")
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--seed", type=int, default=d["seed"].default)
 

@@ -8,6 +8,7 @@ the runner and the sampler.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,17 @@ from chatscale.engine.config import EngineConfig
 from chatscale.engine.detokenizer import IncrementalDetokenizer
 from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from chatscale.engine.runner import ModelRunner
+from chatscale.engine.kv_tier import HostTier
+from chatscale.engine.runner import ModelRunner, kv_bytes_per_block
+from chatscale.engine.tier_costs import TierCosts, measure_tier_costs
 from chatscale.engine.sampler import Sampler
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.scheduler import Scheduler
 from chatscale.engine.sequence import Sequence
 from chatscale.models.loader import GenerationDefaults, load_model
 from chatscale.models.tokenizer import Tokenizer
+
+log = logging.getLogger("chatscale.engine")
 
 
 class ContextLengthError(ValueError):
@@ -80,12 +85,28 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(self.model, config, num_blocks)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.tier_report: TierCosts | None = None
+        if config.kv_host_bytes and config.enable_prefix_caching:
+            self._enable_second_tier()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
         self.total_scheduled_tokens = 0  # every token any step computed, prefill and decode
         self._ids = itertools.count()
+
+    def _enable_second_tier(self) -> None:
+        """Keep the second tier only if restoring a page measures cheaper than recomputing it."""
+        pages = self.config.kv_host_bytes // kv_bytes_per_block(self.model, self.config.block_size)
+        if pages < 1:
+            raise ValueError("--kv-host-bytes is smaller than one KV page")
+        self.runner.allocate_host_tier(pages, self.config.kv_host_dir)
+        self.tier_report = measure_tier_costs(self)
+        if self.tier_report.pays:
+            self.kv.tier = HostTier(pages)
+        else:
+            self.runner.host_pages = None
+        log.info("second KV tier %s: %s", "on" if self.tier_report.pays else "off (does not pay)", self.tier_report)
 
     @property
     def model_path(self) -> Path:
@@ -173,9 +194,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            self.runner.apply_copies(plan.copies)
             return []
         start = time.monotonic()
-        logits, seqs = self.runner.execute(plan.scheduled)
+        logits, seqs = self.runner.execute(plan.scheduled, plan.copies)
         for seq, _ in plan.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start

@@ -16,6 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from chatscale.engine.kv_tier import HostTier
 from chatscale.engine.sequence import Sequence
 
 BlockHash = Hashable
@@ -34,6 +35,7 @@ class Block:
     hash: BlockHash | None = None  # set once the page is full and registered in the cache
     tokens: tuple[int, ...] = ()
     parent: int | None = None  # the previous page of the chain, to verify a hit exactly
+    parent_hash: BlockHash | None = None  # kept with the page if it moves to the second tier
 
 
 @dataclass
@@ -44,11 +46,12 @@ class CacheStats:
     hits: int = 0
     evictions: int = 0
     recomputed: int = 0  # tokens computed before, evicted, and computed again
+    tier_stores: int = 0  # pages copied to the second tier on eviction
+    tier_restores: int = 0  # pages copied back instead of recomputed
     evicted_memory: int = 1 << 16  # how many evicted page hashes are remembered to spot recomputes
     _evicted: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     def remember_eviction(self, block_hash: BlockHash) -> None:
-        self.evictions += 1
         self._evicted[block_hash] = None
         if len(self._evicted) > self.evicted_memory:
             self._evicted.popitem(last=False)
@@ -56,7 +59,7 @@ class CacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True,
-                 hash_fn: HashFn = chained_hash) -> None:
+                 hash_fn: HashFn = chained_hash, tier: HostTier | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of one token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
@@ -68,6 +71,10 @@ class KVCacheManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
         self._cached: dict[BlockHash, int] = {}
         self.stats = CacheStats()
+        self.tier = tier if enable_prefix_caching else None
+        # Page copies for the runner, in order: ("out", block, slot) saves an evicted page to the
+        # second tier before its new owner overwrites it; ("in", slot, block) restores one.
+        self.copies: list[tuple[str, int, int]] = []
 
     # ---- accounting -----------------------------------------------------------------------------
     @property
@@ -137,10 +144,18 @@ class KVCacheManager:
                 seq.block_table[i] = twin
                 self._release(block)
             elif block.hash is None:
-                block.hash, block.tokens = h, tuple(seq.token_ids[i * bs:(i + 1) * bs])
-                block.parent = seq.block_table[i - 1] if i else None
-                self._cached[h] = block.block_id
+                self._name(block, h, tuple(seq.token_ids[i * bs:(i + 1) * bs]),
+                           seq.block_table[i - 1] if i else None, seq.block_hashes[i - 1] if i else None)
         seq.num_registered_blocks = full
+
+    def _name(self, block: Block, h: BlockHash, tokens: tuple[int, ...], parent: int | None,
+              parent_hash: BlockHash | None) -> None:
+        block.hash, block.tokens, block.parent, block.parent_hash = h, tokens, parent, parent_hash
+        self._cached[h] = block.block_id
+
+    def _forget(self, block: Block) -> None:
+        del self._cached[block.hash]
+        block.hash, block.tokens, block.parent, block.parent_hash = None, (), None, None
 
     # ---- allocation -----------------------------------------------------------------------------
     def _take(self) -> int:
@@ -149,9 +164,14 @@ class KVCacheManager:
         else:
             block_id, _ = self._evictable.popitem(last=False)  # least recently freed
             block = self.blocks[block_id]
-            del self._cached[block.hash]
-            self.stats.remember_eviction(block.hash)
-            block.hash, block.tokens, block.parent = None, (), None
+            if self.tier is not None:
+                slot = self.tier.store(block.hash, block.tokens, block.parent_hash)
+                self.copies.append(("out", block_id, slot))
+                self.stats.tier_stores += 1
+            else:
+                self.stats.remember_eviction(block.hash)
+            self.stats.evictions += 1
+            self._forget(block)
         self.blocks[block_id].ref_count = 1
         return block_id
 
@@ -180,11 +200,25 @@ class KVCacheManager:
             seq.block_table.append(self._take())
         return True
 
+    def _tier_hits(self, seq: Sequence, first: int) -> list[BlockHash]:
+        """Pages after the first-tier hits that the second tier holds, verified like first-tier hits."""
+        if self.tier is None:
+            return []
+        bs, chain, found = self.block_size, seq.block_hashes, []
+        for i in range(first, (seq.num_tokens - 1) // bs):
+            parent = chain[i - 1] if i else None
+            if self.tier.find(chain[i], tuple(seq.token_ids[i * bs:(i + 1) * bs]), parent) is None:
+                break
+            found.append(chain[i])
+        return found
+
     def allocate_prefix(self, seq: Sequence, token_budget: int) -> int | None:
-        """Admit a waiting sequence: reuse its longest cached prefix, then allocate pages for up to
-        `token_budget` new tokens. Returns the tokens to compute this step, or None if it does not fit."""
+        """Admit a waiting sequence: reuse its longest cached prefix (restoring pages from the second
+        tier where the first lost them), then allocate pages for up to `token_budget` new tokens.
+        Returns the tokens to compute this step, or None if it does not fit."""
         hits = self._lookup(seq) if self.enable_prefix_caching else []
-        cached = len(hits) * self.block_size
+        restores = self._tier_hits(seq, len(hits)) if self.enable_prefix_caching else []
+        cached = (len(hits) + len(restores)) * self.block_size
         n = min(seq.num_tokens - cached, token_budget)
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         need = self.blocks_for(cached + n) - len(hits)
@@ -193,16 +227,29 @@ class KVCacheManager:
         for block_id in hits:
             self._ref(block_id)
         seq.block_table = list(hits)
+        for h in restores:
+            block_id = self._take()
+            self.copies.append(("in", self.tier.take(h), block_id))
+            i = len(seq.block_table)
+            bs = self.block_size
+            self._name(self.blocks[block_id], h, tuple(seq.token_ids[i * bs:(i + 1) * bs]),
+                       seq.block_table[-1] if i else None, seq.block_hashes[i - 1] if i else None)
+            seq.block_table.append(block_id)
+            self.stats.tier_restores += 1
         seq.num_computed_tokens = cached
-        seq.num_registered_blocks = len(hits)
+        seq.num_registered_blocks = len(seq.block_table)
         if seq.num_cached_tokens == 0 and seq.num_preemptions == 0:
             seq.num_cached_tokens = cached  # what the client is told: usage.cached_tokens
             self.stats.queries += seq.num_tokens
             self.stats.hits += cached
         self._count_recomputed(seq, cached)
-        for _ in range(need):
+        for _ in range(need - len(restores)):
             seq.block_table.append(self._take())
         return n
+
+    def drain_copies(self) -> list[tuple[str, int, int]]:
+        copies, self.copies = self.copies, []
+        return copies
 
     def _count_recomputed(self, seq: Sequence, cached: int) -> None:
         """Tokens of pages this prefix had in cache before an eviction took them: paid twice."""
@@ -227,7 +274,5 @@ class KVCacheManager:
         """Forget every unreferenced cached page (e.g. after loading new weights)."""
         while self._evictable:
             block_id, _ = self._evictable.popitem(last=False)
-            block = self.blocks[block_id]
-            del self._cached[block.hash]
-            block.hash, block.tokens, block.parent = None, (), None
+            self._forget(self.blocks[block_id])
             self._fresh.append(block_id)

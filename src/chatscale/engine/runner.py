@@ -7,6 +7,9 @@ the sequences whose last token was computed this step.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import torch
 
 from chatscale.engine.config import EngineConfig, available_memory_bytes
@@ -49,6 +52,50 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.sliding_window = cfg.sliding_window
+        self.host_pages: torch.Tensor | None = None
+
+    def allocate_host_tier(self, num_pages: int, directory: str | None = None) -> None:
+        """The second KV tier: pinned host memory behind a GPU, a file-backed area on disk on a CPU
+        (mapped and unlinked at once, so nothing is left behind)."""
+        cfg, dtype = self.model.cfg, self.model.embed.dtype
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_pages, self.block_size * cfg.head_dim)
+        if self.device.type == "cuda":
+            self.host_pages = torch.empty(shape, dtype=dtype, pin_memory=True)
+            return
+        fd, path = tempfile.mkstemp(prefix="chatscale-kv-tier-", dir=directory)
+        try:
+            numel = 1
+            for n in shape:
+                numel *= n
+            os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
+            self.host_pages = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    def _device_pages(self, layer: int) -> torch.Tensor:
+        cache = self.kv_caches[layer]
+        return cache.view(2, cache.shape[1], self.num_blocks, -1)
+
+    def apply_copies(self, copies: list[tuple[str, int, int]]) -> None:
+        """Move pages between the tiers in the order the KV manager decided (runs batched)."""
+        i = 0
+        while i < len(copies):
+            j = i
+            while j < len(copies) and copies[j][0] == copies[i][0]:
+                j += 1
+            run = copies[i:j]
+            if run[0][0] == "out":
+                blocks, slots = self._tensor([c[1] for c in run]), torch.tensor([c[2] for c in run])
+                for layer in range(len(self.kv_caches)):
+                    pages = self._device_pages(layer).index_select(2, blocks).to("cpu")
+                    self.host_pages[layer].index_copy_(2, slots, pages)
+            else:
+                slots, blocks = torch.tensor([c[1] for c in run]), self._tensor([c[2] for c in run])
+                for layer in range(len(self.kv_caches)):
+                    pages = self.host_pages[layer].index_select(2, slots).to(self.device)
+                    self._device_pages(layer).index_copy_(2, blocks, pages)
+            i = j
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -110,8 +157,10 @@ class ModelRunner:
         return self._tensor(ids), self._tensor(positions), meta, rows, sampled
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step; returns logits [S, vocab] (fp32) and the S sequences they belong to."""
+    def execute(self, scheduled: list[tuple[Sequence, int]],
+                copies: list[tuple[str, int, int]] = ()) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step (after its page moves); returns logits [S, vocab] (fp32) and their sequences."""
+        self.apply_copies(list(copies))
         input_ids, positions, meta, rows, sampled = self.prepare(scheduled)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.logits(hidden[self._tensor(rows)]), sampled

@@ -21,6 +21,7 @@ class SchedulerOutput:
 
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[str, int, int]] = field(default_factory=list)  # second-tier page moves, in order
 
     @property
     def num_batched_tokens(self) -> int:
@@ -76,6 +77,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
+        out.copies = self.kv.drain_copies()
         return out
 
     def advance(self, out: SchedulerOutput) -> None:
