@@ -157,8 +157,9 @@ def test_host_tier_is_lru_and_verifies_entries():
     assert tier.find("b", (3, 4), "x") is None  # other parent
     tier.store("c", (5, 6), "b")  # full: the oldest ("a") goes
     assert tier.find("a", (1, 2), None) is None and len(tier) == 2
-    tier.take("b")
+    slot = tier.take("b")
     assert tier.find("b", (3, 4), "a") is None and len(tier) == 1
-    roomy = HostTier(3)
-    slot = roomy.take("x") if roomy.store("x", (1,), None) is not None else None
-    assert roomy.store("y", (2,), None) != slot  # a restored slot is reused last, after its copy ran
+    assert tier.store("d", (7, 8), None) != slot  # a slot being restored from is not reused ...
+    assert tier.store("e", (9,), None) != slot
+    tier.release()  # ... until this step's copies have been handed over
+    assert tier.store("f", (1,), None) == slot

@@ -164,8 +164,8 @@ class KVCacheManager:
         else:
             block_id, _ = self._evictable.popitem(last=False)  # least recently freed
             block = self.blocks[block_id]
-            if self.tier is not None:
-                slot = self.tier.store(block.hash, block.tokens, block.parent_hash)
+            slot = None if self.tier is None else self.tier.store(block.hash, block.tokens, block.parent_hash)
+            if slot is not None:
                 self.copies.append(("out", block_id, slot))
                 self.stats.tier_stores += 1
             else:
@@ -227,9 +227,10 @@ class KVCacheManager:
         for block_id in hits:
             self._ref(block_id)
         seq.block_table = list(hits)
-        for h in restores:
+        slots = [self.tier.take(h) for h in restores]  # first: evictions below must not overwrite them
+        for h, slot in zip(restores, slots):
             block_id = self._take()
-            self.copies.append(("in", self.tier.take(h), block_id))
+            self.copies.append(("in", slot, block_id))
             i = len(seq.block_table)
             bs = self.block_size
             self._name(self.blocks[block_id], h, tuple(seq.token_ids[i * bs:(i + 1) * bs]),
@@ -248,7 +249,10 @@ class KVCacheManager:
         return n
 
     def drain_copies(self) -> list[tuple[str, int, int]]:
+        """This step's page moves, for the runner to apply before the forward pass."""
         copies, self.copies = self.copies, []
+        if self.tier is not None:
+            self.tier.release()
         return copies
 
     def _count_recomputed(self, seq: Sequence, cached: int) -> None:

@@ -28,16 +28,20 @@ class HostTier:
         self.num_slots = num_slots
         self._entries: OrderedDict[Hashable, TierEntry] = OrderedDict()
         self._free = list(range(num_slots - 1, -1, -1))
+        self._reserved: list[int] = []  # restored this step: not reusable until its copy has run
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def store(self, block_hash: Hashable, tokens: tuple[int, ...], parent_hash: Hashable | None) -> int:
-        """Reserve a slot for a page; the oldest entry makes room when the tier is full."""
+    def store(self, block_hash: Hashable, tokens: tuple[int, ...], parent_hash: Hashable | None) -> int | None:
+        """A slot for a page; the oldest entry makes room when the tier is full. None when every
+        slot is being restored from in this very step."""
         old = self._entries.pop(block_hash, None)
         if old is not None:
             self._free.append(old.slot)
         if not self._free:
+            if not self._entries:
+                return None
             _, evicted = self._entries.popitem(last=False)
             self._free.append(evicted.slot)
         entry = TierEntry(self._free.pop(), tokens, parent_hash)
@@ -52,7 +56,12 @@ class HostTier:
         return entry
 
     def take(self, block_hash: Hashable) -> int:
-        """Remove a restored page; its slot is reusable once the restore has been copied."""
+        """Remove a page being restored; its slot stays reserved until `release` (after the copy)."""
         entry = self._entries.pop(block_hash)
-        self._free.insert(0, entry.slot)  # reused last, after this step's copies have run
+        self._reserved.append(entry.slot)
         return entry.slot
+
+    def release(self) -> None:
+        """The step's copies are handed to the runner: restored slots can be reused."""
+        self._free.extend(self._reserved)
+        self._reserved.clear()
