@@ -65,17 +65,8 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: Server
     install_error_handlers(app)
     app.add_middleware(GateMiddleware, state=state)
     app.include_router(router)
-    _mount_chat_page(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the chat page's files
     return app
-
-
-# ---- the chat page (server/static/, shipped in the package): GET / and /static/* ----------------
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-
-
-def _mount_chat_page(app: FastAPI) -> None:
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_api_route("/", lambda: FileResponse(STATIC_DIR / "index.html"), include_in_schema=False)
 
 
 async def _load(state: ServerState, loader: Callable[[], AsyncEngine]) -> None:
