@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import statistics
-import threading
-import time
 
 import pytest
+from server_utils import running
 
 from chatscale.bench import workloads as w
 from chatscale.bench.stats import RequestRecord, summarize
@@ -181,22 +179,9 @@ def _fake_openai_app(seen: list[dict]):
 
 @pytest.fixture
 def fake_server():
-    import uvicorn
-
     seen: list[dict] = []
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(_fake_openai_app(seen), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", seen
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with running(_fake_openai_app(seen)) as url:
+        yield url, seen
 
 
 def test_bench_serve_measures_a_real_server(fake_server, tmp_path, capsys):
