@@ -21,8 +21,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 class Metrics:
     """One registry per server (not the process-wide default), so several servers can share a
-    process, as tests do. Gauges are read from the engine at scrape time; counters are fed by
-    the server as outputs arrive."""
+    process, as tests do. Gauges and the KV-cache counters are read from the engine at scrape
+    time; token counters are fed by the server as outputs arrive."""
 
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -39,11 +39,28 @@ class Metrics:
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        # Prefix caching (ARCHITECTURE lesson 1): the engine keeps running totals in `kv.stats`;
+        # each scrape adds what they grew by since the last one, as Prometheus counters only grow.
+        self._kv_counters = {
+            "queries": counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+            "hits": counter("prefix_cache_hits", "Prompt tokens served from the prefix cache (either tier)."),
+            "recomputed": counter("prefix_cache_recomputed_tokens",
+                                  "Prompt tokens computed before, evicted, and computed again."),
+            "evictions": counter("kv_cache_evictions", "Cached KV pages evicted to make room."),
+            "tier_stores": counter("kv_tier_stores", "Evicted KV pages copied to the second tier."),
+            "tier_restores": counter("kv_tier_restores", "KV pages restored from the second tier, not recomputed."),
+        }
+        self._kv_seen = dict.fromkeys(self._kv_counters, 0)
 
     def observe_engine(self, engine: LLMEngine) -> None:
         self.num_requests_running.set(engine.num_running)
         self.num_requests_waiting.set(engine.num_waiting)
         self.kv_cache_usage_perc.set(engine.kv.usage)
+        stats = engine.kv.stats
+        for name, metric in self._kv_counters.items():
+            total = getattr(stats, name)
+            metric.inc(total - self._kv_seen[name])
+            self._kv_seen[name] = total
 
     def observe_output(self, out: RequestOutput, first: bool) -> None:
         if first:
