@@ -166,7 +166,8 @@ def _fake_openai_app(seen: list[dict]):
             for i in range(n):
                 if i:
                     await asyncio.sleep(ITL_S)
-                yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": f" t{i}"}}]}) + "\n\n"
+                text = f" t{i}" if n > 1 else ""  # one token alone: half a character, no text yet
+                yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}) + "\n\n"
             usage = {"prompt_tokens": prompt, "completion_tokens": n}
             yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
             yield "data: [DONE]\n\n"
@@ -230,3 +231,22 @@ def test_open_loop_starts_sessions_at_their_arrival_times(fake_server):
     assert [r.start for r in records] == pytest.approx(starts, abs=0.15)
     assert [r.error for r in records] == [None, None, "HTTP 429"]  # the fake refuses every third
     assert duration >= 0.6 and records[0].latency >= TTFT_S
+
+
+def test_an_answer_without_visible_text_succeeds_with_ttft_at_its_end(fake_server):
+    from chatscale.bench.serve import OpenAIClient
+
+    url, _ = fake_server
+
+    async def go():
+        client = OpenAIClient(url, "fake-model")
+        try:
+            record = RequestRecord(0, 0, 0.0, 0)
+            await client.send([{"role": "user", "content": "hi"}], 1, record, 0.0)
+            return record
+        finally:
+            await client.aclose()
+
+    record = asyncio.run(go())
+    assert record.ok and record.output_tokens == 1 and record.prompt_tokens == TOKENS_PER_WORD
+    assert record.ttft == record.latency >= TTFT_S

@@ -136,8 +136,10 @@ class OpenAIClient:
         record.latency = time.perf_counter() - start
         if not record.output_tokens:  # no usage reported: one token per chunk, as servers send them
             record.output_tokens = len(pieces)
-        if record.ttft is None:
+        if not record.output_tokens:
             record.error = "no output"
+        elif record.ttft is None:  # tokens without visible text (e.g. half a UTF-8 character): the
+            record.ttft = record.latency  # user saw nothing before the end
         return "".join(pieces)
 
     def _chunk_text(self, chunk: dict) -> str | None:
