@@ -147,3 +147,12 @@ def test_async_engine_rejects_bad_requests_in_the_caller(checkpoint):
             asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_many_decodes_attend_in_groups_exactly_as_alone(checkpoint):
+    """More decodes than one group holds, of mixed context lengths: each matches its solo run."""
+    llm = LLM(str(checkpoint("llama")), num_blocks=512, block_size=4)
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + 3 * i)] for i in range(21)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert batched == [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]

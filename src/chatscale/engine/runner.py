@@ -14,8 +14,11 @@ import torch
 
 from chatscale.engine.config import EngineConfig, available_memory_bytes
 from chatscale.engine.sequence import Sequence
-from chatscale.models.attention import AttentionMetadata, PrefillChunk
+from chatscale.models.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from chatscale.models.llama import LlamaForCausalLM
+
+
+DECODE_GROUP = 16  # decodes attended together: small enough that gathered pages stay in cache
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
@@ -116,7 +119,8 @@ class ModelRunner:
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
         """Inputs, positions and attention layout of a step, the rows whose logits are needed and
         the sequences those rows belong to."""
-        decodes = [(s, n) for s, n in scheduled if n == 1]
+        # Decodes first, longest context first, so that neighbours in a decode group pad little.
+        decodes = sorted(((s, n) for s, n in scheduled if n == 1), key=lambda x: -x[0].num_computed_tokens)
         chunks = [(s, n) for s, n in scheduled if n > 1]
         ids: list[int] = []
         positions: list[int] = []
@@ -127,13 +131,14 @@ class ModelRunner:
             for pos in range(start, start + n):
                 positions.append(pos)
                 slot_mapping.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), block_size=self.block_size,
-                                 num_decodes=len(decodes))
-        if decodes:
-            lens = self._tensor([s.num_computed_tokens + 1 for s, _ in decodes])
-            meta.decode_blocks = self._pages([s.block_table for s, _ in decodes], int(lens.max()))
-            k_pos = torch.arange(meta.decode_blocks.shape[1] * self.block_size, device=self.device)
-            meta.decode_hidden = ~self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, :]
+        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), block_size=self.block_size)
+        for start in range(0, len(decodes), DECODE_GROUP):
+            group = decodes[start: start + DECODE_GROUP]
+            lens = self._tensor([s.num_computed_tokens + 1 for s, _ in group])
+            blocks = self._pages([s.block_table for s, _ in group], int(lens.max()))
+            k_pos = torch.arange(blocks.shape[1] * self.block_size, device=self.device)
+            hidden = ~self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, :]
+            meta.decode_groups.append(DecodeGroup(start, start + len(group), blocks, hidden))
         row = len(decodes)
         for seq, n in chunks:
             start = seq.num_computed_tokens

@@ -1,8 +1,9 @@
 """Paged attention: new K/V are written into cache pages; queries read their context from pages.
 
 A step's batch is laid out as [decode tokens | prefill chunks]. Decodes (one query each) are
-attended in one batched call over their pages; each prefill chunk attends causally to its own
-pages, or, on its first chunk, directly to the K/V it just produced.
+attended in groups of similar context length, two batched matmuls per group over gathered pages;
+each prefill chunk attends causally to its own pages, or, on its first chunk, directly to the K/V
+it just produced.
 """
 
 from __future__ import annotations
@@ -24,14 +25,26 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows `[start_row, end_row)` whose contexts are padded to one length.
+
+    Decodes are sorted by context length and attended in groups, so padding stays small and each
+    group's gathered pages stay a few megabytes, instead of one batch padded to the longest context.
+    """
+
+    start_row: int
+    end_row: int
+    blocks: torch.Tensor  # [G, pages] block tables (padded with page 0)
+    hidden: torch.Tensor  # [G, 1, pages * block_size] bool: True on padding (and outside a window)
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs about one step's layout, built once and shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] cache slot of every new token
     block_size: int = 16
-    num_decodes: int = 0
-    decode_blocks: torch.Tensor | None = None  # [D, pages] block table of each decode (padded)
-    decode_hidden: torch.Tensor | None = None  # [D, 1, L] bool: True on padding (and outside a window)
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # decodes of similar context length
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -64,9 +77,9 @@ def paged_attention(
     k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
-    d = meta.num_decodes
-    if d:
-        out[:d] = _decode_attention(q[:d], k_cache, v_cache, meta, scale)
+    for group in meta.decode_groups:
+        rows = slice(group.start_row, group.end_row)
+        out[rows] = _decode_attention(q[rows], k_cache, v_cache, group, meta.block_size, scale)
     gqa = q.shape[1] != k.shape[1]
     for chunk in meta.prefills:
         rows = slice(chunk.start_row, chunk.end_row)
@@ -84,19 +97,19 @@ def paged_attention(
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                      group: DecodeGroup, block_size: int, scale: float) -> torch.Tensor:
     """One query per sequence against its paged context, as two batched matmuls per step.
 
     Queries of the `group` heads sharing a KV head are stacked, so K/V are never repeated (GQA/MQA).
     """
     d, heads, dim = q.shape
     kv_heads = k_cache.shape[0]
-    group = heads // kv_heads
-    ks = gather_pages(k_cache, meta.decode_blocks, meta.block_size).view(kv_heads * d, -1, dim)  # [KVH*D, L, dim]
-    vs = gather_pages(v_cache, meta.decode_blocks, meta.block_size).view(kv_heads * d, -1, dim)
-    qs = (q * scale).view(d, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * d, group, dim)
-    scores = torch.bmm(qs, ks.transpose(1, 2)).float()  # [KVH*D, group, L]
-    scores = scores.view(kv_heads, d, group, -1).masked_fill_(meta.decode_hidden, float("-inf"))
-    probs = scores.softmax(dim=-1).to(q.dtype).view(kv_heads * d, group, -1)
-    out = torch.bmm(probs, vs)  # [KVH*D, group, dim]
-    return out.view(kv_heads, d, group, dim).transpose(0, 1).reshape(d, heads, dim)
+    per_kv = heads // kv_heads
+    ks = gather_pages(k_cache, group.blocks, block_size).view(kv_heads * d, -1, dim)  # [KVH*D, L, dim]
+    vs = gather_pages(v_cache, group.blocks, block_size).view(kv_heads * d, -1, dim)
+    qs = (q * scale).view(d, kv_heads, per_kv, dim).transpose(0, 1).reshape(kv_heads * d, per_kv, dim)
+    scores = torch.bmm(qs, ks.transpose(1, 2)).float()  # [KVH*D, per_kv, L]
+    scores = scores.view(kv_heads, d, per_kv, -1).masked_fill_(group.hidden, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype).view(kv_heads * d, per_kv, -1)
+    out = torch.bmm(probs, vs)  # [KVH*D, per_kv, dim]
+    return out.view(kv_heads, d, per_kv, dim).transpose(0, 1).reshape(d, heads, dim)
