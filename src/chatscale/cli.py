@@ -44,6 +44,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_tokens(sub: argparse._SubParsersAction) -> None:
+    from chatscale.text import add_parser
+
+    add_parser(sub)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from chatscale.server.settings import ServerSettings
 
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_plan(sub)
     _add_bench(sub)
+    _add_tokens(sub)
     return parser
 
 
