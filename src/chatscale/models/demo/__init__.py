@@ -1,7 +1,7 @@
 """The demo models shipped inside the package, so chatscale serves something with no download.
 
 Three checkpoints in Hugging Face format share one byte-level BPE tokenizer and ChatML template:
-`target` (Llama, GQA, ~16M parameters: the default model), `draft` (a 2-layer Llama, the target's
+`target` (Llama, GQA, ~13M parameters: the default model), `draft` (a 2-layer Llama, the target's
 speculative-decoding draft) and `moe` (Mixtral, 8 experts, top-2). They are trained from scratch by
 tools/demo_models/ on generated conversations; see each folder's README.md and docs/demo_models.md.
 Demos and tests only.
