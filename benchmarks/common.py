@@ -1,13 +1,10 @@
-"""Helpers shared by the benchmark scripts: the reference checkpoint and the machine's roofline."""
+"""Helpers shared by the benchmark scripts: cached random checkpoints and JSON output."""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 CACHE = Path(os.environ.get("CHATSCALE_BENCH_CACHE", Path.home() / ".cache" / "chatscale-bench"))
@@ -22,30 +19,7 @@ SMOLLM2_135M = dict(
 
 def smollm2_checkpoint() -> Path:
     """A random bf16 Llama with SmolLM2-135M's shape, made once with transformers and cached."""
-    path = CACHE / "smollm2-135m-random-bf16"
-    if (path / "model.safetensors").is_file():
-        return path
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from checkpoints import write_tokenizer  # the tests' small byte-level BPE: prompts here are token ids
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(torch.bfloat16)
-    model.save_pretrained(path)
-    write_tokenizer(path)
-    return path
-
-
-def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return random_llama_checkpoint("smollm2-135m-random-bf16", SMOLLM2_135M)
 
 
 def save_json(path: str | None, data: dict) -> None:
