@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,12 +47,17 @@ class InvalidRequestError(ValueError):
 
 @dataclass
 class StepStats:
-    """One step's shape, for metrics and benchmarks."""
+    """One step's shape, for metrics, benchmarks and the simulator's cost model."""
 
     num_seqs: int = 0
     num_tokens: int = 0
     num_prefill_tokens: int = 0
     duration_s: float = 0.0
+    # Per scheduled sequence: (tokens already in its KV cache, tokens computed this step). With
+    # the model's shapes this gives the step's FLOPs and bytes (attention reads every cached token).
+    chunks: list[tuple[int, int]] = field(default_factory=list)
+    # MoE models: tokens routed to each expert, one list per MoE layer; None for dense models.
+    expert_tokens: list[list[int]] | None = None
 
 
 @dataclass(eq=False)
@@ -92,6 +98,8 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
+        # Called with every step's StepStats, on the engine's thread (metrics histograms).
+        self.step_listeners: list[Callable[[StepStats], None]] = []
         self.total_scheduled_tokens = 0  # every token any step computed, prefill and decode
         self._ids = itertools.count()
 
@@ -197,6 +205,7 @@ class LLMEngine:
             self.runner.apply_copies(plan.copies)
             return []
         start = time.monotonic()
+        chunks = [(seq.num_computed_tokens, n) for seq, n in plan.scheduled]
         logits, seqs = self.runner.execute(plan.scheduled, plan.copies)
         for seq, _ in plan.scheduled:
             if seq.first_scheduled_time is None:
@@ -210,7 +219,11 @@ class LLMEngine:
             num_tokens=plan.num_batched_tokens,
             num_prefill_tokens=sum(n for _, n in plan.scheduled if n > 1),
             duration_s=now - start,
+            chunks=chunks,
+            expert_tokens=self.model.expert_tokens(),
         )
+        for listener in self.step_listeners:
+            listener(self.last_step)
         touched: dict[str, _Request] = {}
         for seq, token, lp in zip(seqs, tokens, logprobs):
             req = self.requests[seq.request_id]

@@ -91,6 +91,11 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, kv_cache, meta)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
+    def expert_tokens(self) -> list[list[int]] | None:
+        """Tokens each expert got in the last forward, per MoE layer (the 'expert batch size')."""
+        moe = [layer.mlp.last_tokens_per_expert for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
+        return moe or None
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
