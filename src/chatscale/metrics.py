@@ -1,28 +1,49 @@
-"""Every chatscale metric name, defined once, in Prometheus form.
+"""Every chatscale metric name, defined once, in Prometheus form (docs/metrics.md says what each means).
 
 Names follow vLLM's with a `chatscale:` prefix (`vllm:num_requests_running` ->
 `chatscale:num_requests_running`), so dashboards and the gateway's scrapers port unchanged.
-Load is KV-cache usage plus batch size (ARCHITECTURE lesson 3), so those come first.
+Load is KV-cache usage plus batch size, efficiency is arithmetic intensity against the ridge point
+(ARCHITECTURE lesson 3), so those come first.
+
+Three feeds: the engine's state and running totals are read at scrape time (`observe_engine`);
+every engine step is observed on the engine's thread (`observe_step`, a step listener); every
+request output is observed by the server as it arrives (`observe_output`).
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from chatscale.device_peaks import PLANNER_DTYPES, device_peaks
+from chatscale.planner.catalog import Model, from_hf_config
+from chatscale.planner.hardware import Hardware
+from chatscale.step_work import step_work
 
 if TYPE_CHECKING:
-    from chatscale.engine.engine import LLMEngine
+    from chatscale.engine.engine import LLMEngine, StepStats
     from chatscale.engine.outputs import RequestOutput
 
 PREFIX = "chatscale:"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+WINDOW_S = 10.0  # the window of steps behind the intensity, MFU and MBU gauges
+
+# Bucket edges: 1-2.5-5 steps wide enough for a CPU and fine enough for an H100.
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+           7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+POWERS_OF_TWO = tuple(float(2**i) for i in range(15))  # 1 .. 16384 (tokens, sequences)
+INTENSITY = tuple(float(2**i) for i in range(-2, 13))  # 0.25 .. 4096 FLOPs/byte
 
 
 class Metrics:
     """One registry per server (not the process-wide default), so several servers can share a
-    process, as tests do. Gauges and the KV-cache counters are read from the engine at scrape
-    time; token counters are fed by the server as outputs arrive."""
+    process, as tests do."""
 
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -34,38 +55,162 @@ class Metrics:
         def counter(name: str, doc: str) -> Counter:
             return Counter(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
 
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        # ---- load: read from the engine at scrape time
         self.num_requests_running = gauge("num_requests_running", "Sequences in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
-        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).")
+        self.kv_cache_usage_perc = gauge(
+            "kv_cache_usage_perc", "Fraction of KV-cache pages held by running sequences (0 to 1).")
+        self.kv_cache_cached_perc = gauge(
+            "kv_cache_cached_perc", "Fraction of KV-cache pages held by nobody but still caching a prefix "
+                                    "(reclaimable on demand).")
+        self.load = gauge("load", "max(kv_cache_usage_perc, running / max_num_seqs) + waiting / max_num_seqs: "
+                                  "1 means the next request waits.")
+        # ---- running totals the engine keeps; each scrape adds what they grew by (counters only grow)
+        self._mirrors: list[tuple[Counter, Callable[[LLMEngine], int | None]]] = []
+
+        def mirror(name: str, doc: str, read: Callable[[LLMEngine], int | None]) -> None:
+            self._mirrors.append((counter(name, doc), read))
+
+        mirror("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", lambda e: e.kv.stats.queries)
+        mirror("prefix_cache_hits", "Prompt tokens served from the prefix cache (either tier).",
+               lambda e: e.kv.stats.hits)
+        mirror("prefix_cache_recomputed_tokens", "Prompt tokens computed before, evicted, and computed again.",
+               lambda e: e.kv.stats.recomputed)
+        mirror("kv_cache_evictions", "Cached KV pages evicted to make room.", lambda e: e.kv.stats.evictions)
+        mirror("kv_tier_stores", "Evicted KV pages copied to the second tier.", lambda e: e.kv.stats.tier_stores)
+        mirror("kv_tier_restores", "KV pages restored from the second tier, not recomputed.",
+               lambda e: e.kv.stats.tier_restores)
+        mirror("num_preemptions", "Sequences preempted (pages dropped, recomputed later).",
+               lambda e: e.scheduler.num_preemptions)
+        for field, doc in (("drafts", "Speculative-decoding draft runs."),
+                           ("draft_tokens", "Tokens proposed by the draft model."),
+                           ("accepted_tokens", "Draft tokens the target model accepted.")):
+            mirror(f"spec_decode_num_{field}", doc, lambda e, f=field: _spec_total(e, f))
+        self.spec_decode_mean_acceptance_length = gauge(
+            "spec_decode_mean_acceptance_length", "Tokens per target pass while speculating: 1 + accepted / drafts.")
+        self._seen = [0] * len(self._mirrors)
+        # ---- requests: fed by the server as outputs arrive
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
-        # Prefix caching (ARCHITECTURE lesson 1): the engine keeps running totals in `kv.stats`;
-        # each scrape adds what they grew by since the last one, as Prometheus counters only grow.
-        self._kv_counters = {
-            "queries": counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
-            "hits": counter("prefix_cache_hits", "Prompt tokens served from the prefix cache (either tier)."),
-            "recomputed": counter("prefix_cache_recomputed_tokens",
-                                  "Prompt tokens computed before, evicted, and computed again."),
-            "evictions": counter("kv_cache_evictions", "Cached KV pages evicted to make room."),
-            "tier_stores": counter("kv_tier_stores", "Evicted KV pages copied to the second tier."),
-            "tier_restores": counter("kv_tier_restores", "KV pages restored from the second tier, not recomputed."),
-        }
-        self._kv_seen = dict.fromkeys(self._kv_counters, 0)
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Arrival at the engine to first token, one per request.", SECONDS)
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Gap between a request's outputs per token they carry.", SECONDS)
+        self.e2e_request_latency = histogram(
+            "e2e_request_latency_seconds", "Arrival at the engine to last token, finished requests.", SECONDS)
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds", "Arrival at the engine to first scheduled, one per request.", SECONDS)
+        # ---- steps: observed on the engine thread after every step
+        self.iteration_tokens = histogram("iteration_tokens_total", "Tokens computed per step.", POWERS_OF_TWO)
+        self.step_sequences = histogram("step_sequences", "Sequences per step (the batch size).", POWERS_OF_TWO)
+        self.step_intensity = histogram(
+            "step_arithmetic_intensity", "FLOPs per byte moved, per step.", INTENSITY)
+        self.step_flops = counter("step_flops", "Model FLOPs of all steps.")
+        self.step_bytes = counter("step_bytes", "Bytes all steps moved (weights read, KV read and written).")
+        self.step_seconds = counter("step_seconds", "Seconds spent in steps (busy time).")
+        self.moe_tokens_per_expert = histogram(
+            "moe_tokens_per_expert", "Tokens routed to an expert: one per expert, MoE layer and step.", (0.0, *POWERS_OF_TWO))
+        self.moe_experts_touched = histogram(
+            "moe_experts_touched", "Experts reached by at least one token: one per MoE layer and step.",
+            POWERS_OF_TWO)
+        # ---- efficiency against the device's peaks (WINDOW_S of steps)
+        self.arithmetic_intensity = gauge("arithmetic_intensity", "FLOPs per byte moved over the last 10 s of steps.")
+        self.mfu = gauge("mfu", "Model FLOPs utilisation while stepping: FLOP/s over the last 10 s / peak.")
+        self.mbu = gauge("mbu", "Memory bandwidth utilisation while stepping: bytes/s over the last 10 s / peak.")
+        self.peak_flops = gauge("peak_flops", "The device's peak FLOP/s at the serving dtype.")
+        self.peak_memory_bandwidth = gauge("peak_memory_bandwidth", "The device's peak memory bandwidth, bytes/s.")
+        self.ridge_point = gauge("ridge_point", "peak_flops / peak_memory_bandwidth: FLOPs per byte where "
+                                                "compute, not memory, becomes the bound.")
+        self._recent: deque[tuple[float, float, float, float]] = deque()  # (time, flops, bytes, seconds)
+        self._lock = threading.Lock()
+        self._shape: Model | None = None
+        self._dtype = "fp32"
+        self.peaks: Hardware | None = None
+
+    # ---- wiring ---------------------------------------------------------------------------------
+    def attach(self, engine: LLMEngine) -> None:
+        """Start observing `engine`'s steps and set the device's peaks (measured once on a CPU)."""
+        self._shape = from_hf_config(engine.model.cfg.raw)
+        self._dtype = PLANNER_DTYPES[engine.model.embed.dtype]
+        self.peaks = hw = device_peaks(engine.runner.device)
+        self.peak_flops.set(hw.flops(self._dtype))
+        self.peak_memory_bandwidth.set(hw.memory_bandwidth)
+        self.ridge_point.set(hw.ridge_point(self._dtype))
+        engine.step_listeners.append(self.observe_step)
+
+    # ---- feeds ----------------------------------------------------------------------------------
+    def observe_step(self, step: StepStats) -> None:
+        work = step_work(self._shape, self._dtype, step.chunks, step.expert_tokens)
+        self.iteration_tokens.observe(step.num_tokens)
+        self.step_sequences.observe(step.num_seqs)
+        self.step_intensity.observe(work.intensity)
+        self.step_flops.inc(work.flops)
+        self.step_bytes.inc(work.bytes)
+        self.step_seconds.inc(step.duration_s)
+        for layer in step.expert_tokens or ():
+            for n in layer:
+                self.moe_tokens_per_expert.observe(n)
+            self.moe_experts_touched.observe(sum(1 for n in layer if n))
+        with self._lock:
+            self._recent.append((time.monotonic(), work.flops, work.bytes, step.duration_s))
 
     def observe_engine(self, engine: LLMEngine) -> None:
-        self.num_requests_running.set(engine.num_running)
-        self.num_requests_waiting.set(engine.num_waiting)
-        self.kv_cache_usage_perc.set(engine.kv.usage)
-        stats = engine.kv.stats
-        for name, metric in self._kv_counters.items():
-            total = getattr(stats, name)
-            metric.inc(total - self._kv_seen[name])
-            self._kv_seen[name] = total
+        running, waiting, slots = engine.num_running, engine.num_waiting, engine.scheduler.max_num_seqs
+        kv = engine.kv
+        self.num_requests_running.set(running)
+        self.num_requests_waiting.set(waiting)
+        self.kv_cache_usage_perc.set(kv.usage)
+        self.kv_cache_cached_perc.set(kv.num_cached_free_blocks / kv.num_blocks)
+        self.load.set(max(kv.usage, running / slots) + waiting / slots)
+        for i, (metric, read) in enumerate(self._mirrors):
+            total = read(engine)
+            if total is not None:
+                metric.inc(total - self._seen[i])
+                self._seen[i] = total
+        spec = getattr(engine, "spec_stats", None)
+        if spec is not None and spec.drafts:
+            self.spec_decode_mean_acceptance_length.set(1 + spec.accepted_tokens / spec.drafts)
+        self._observe_window()
 
-    def observe_output(self, out: RequestOutput, first: bool) -> None:
-        if first:
-            self.prompt_tokens.inc(len(out.prompt_token_ids))
+    def _observe_window(self) -> None:
+        with self._lock:
+            horizon = time.monotonic() - WINDOW_S
+            while self._recent and self._recent[0][0] < horizon:
+                self._recent.popleft()
+            flops = sum(r[1] for r in self._recent)
+            moved = sum(r[2] for r in self._recent)
+            busy = sum(r[3] for r in self._recent)
+        self.arithmetic_intensity.set(flops / moved if moved else math.nan)
+        if self.peaks is not None:
+            self.mfu.set(flops / busy / self.peaks.flops(self._dtype) if busy else 0.0)
+            self.mbu.set(moved / busy / self.peaks.memory_bandwidth if busy else 0.0)
+
+    def observe_output(self, out: RequestOutput, previous: float | None) -> float:
+        """Count one engine output; `previous` is when this request's last output arrived (None for
+        its first). Returns now, to pass as `previous` next time."""
+        now = time.monotonic()
+        per_choice = max((len(o.delta_token_ids) for o in out.outputs), default=0)
         self.generation_tokens.inc(sum(len(o.delta_token_ids) for o in out.outputs))
+        m = out.metrics
+        if previous is None:
+            self.prompt_tokens.inc(len(out.prompt_token_ids))
+            if m is not None and m.first_token_time is not None:
+                self.time_to_first_token.observe(m.first_token_time - m.arrival_time)
+            if m is not None and m.first_scheduled_time is not None:
+                self.request_queue_time.observe(m.first_scheduled_time - m.arrival_time)
+        elif per_choice:
+            self.inter_token_latency.observe((now - previous) / per_choice)
+        if out.finished and m is not None and m.finished_time is not None:
+            self.e2e_request_latency.observe(m.finished_time - m.arrival_time)
+        return now
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _spec_total(engine: LLMEngine, field: str) -> int | None:
+    spec = getattr(engine, "spec_stats", None)
+    return None if spec is None else getattr(spec, field)

@@ -21,6 +21,8 @@ from chatscale.metrics import CONTENT_TYPE, Metrics
 from chatscale.server.completions import (
     chat_completion, chat_prompt_ids, chat_stream, collect, text_completion, text_stream,
 )
+from chatscale.server.dashboard import History
+from chatscale.server.dashboard import router as dashboard_router
 from chatscale.server.disconnect import cancel_on_disconnect
 from chatscale.server.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from chatscale.server.generation import outputs, prepare
@@ -44,37 +46,49 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: Server
     in a thread at startup while /health answers 503 "loading", and the app shuts it down at exit."""
     state = ServerState(settings, Metrics(settings.served_model_name))
     state.engine = engine if isinstance(engine, AsyncEngine) else None
+    if state.engine is not None:
+        state.metrics.attach(state.engine.engine)
+    history = History()  # the dashboard's last ten minutes
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        if state.engine is not None:
-            yield
-            return
-        loading = asyncio.create_task(_load(state, engine))
+        sampler = asyncio.create_task(history.run(state))
+        loading = None if state.engine is not None else asyncio.create_task(_load(state, engine))
         try:
             yield
         finally:
-            await loading
-            if state.engine is not None:
-                state.engine.shutdown()
+            sampler.cancel()
+            if loading is not None:
+                await loading
+                if state.engine is not None:
+                    state.engine.shutdown()
 
     app = FastAPI(title="chatscale", summary="OpenAI-compatible API over the chatscale engine", version="1",
                   lifespan=lifespan, docs_url=None, redoc_url=None, responses=ERROR_RESPONSES)
     app.state.server = state
+    app.state.history = history
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.add_middleware(GateMiddleware, state=state)
     app.include_router(router)
+    app.include_router(dashboard_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the chat page's files
     return app
 
 
 async def _load(state: ServerState, loader: Callable[[], AsyncEngine]) -> None:
     try:
-        state.engine = await asyncio.to_thread(loader)
+        state.engine = await asyncio.to_thread(_load_and_attach, state, loader)
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("loading the model failed")
+
+
+def _load_and_attach(state: ServerState, loader: Callable[[], AsyncEngine]) -> AsyncEngine:
+    """Load the engine and start its metrics (on a CPU this measures the peaks: a second or two)."""
+    engine = loader()
+    state.metrics.attach(engine.engine)
+    return engine
 
 
 def _state(request: Request) -> ServerState:

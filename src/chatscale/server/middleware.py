@@ -15,9 +15,9 @@ from chatscale.server.errors import APIError, error_response
 from chatscale.server.state import ServerState
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-# Open without the API key: health probes, and the chat page's own files, which hold no data
-# (the page asks for the key and sends it with its API calls).
-OPEN_PATHS = frozenset({"/health", "/"})
+# Open without the API key: health probes, and the chat page's and dashboard's own files, which
+# hold no data (the pages ask for the key and send it with their API calls).
+OPEN_PATHS = frozenset({"/health", "/", "/dashboard"})
 OPEN_PREFIXES = ("/static/",)
 
 
