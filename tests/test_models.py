@@ -11,6 +11,7 @@ from checkpoints import ARCHS
 from transformers import AutoModelForCausalLM
 
 from chatscale.engine.llm import LLM
+from chatscale.engine.runner import works_for
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.sequence import Sequence
 from chatscale.models.config import UnsupportedModelError
@@ -41,7 +42,7 @@ def test_prefill_logits_match_transformers(checkpoint, arch):
     for prompt in prompts([1, 5, 17, 60]):
         seq = Sequence("r", prompt, GREEDY)
         assert llm.engine.kv.allocate(seq, len(prompt))
-        ids, pos, meta, _, _ = runner.prepare([(seq, len(prompt))])
+        ids, pos, meta, _ = runner.prepare(works_for([(seq, len(prompt))]))
         ours = llm.engine.model.logits(llm.engine.model(ids, pos, runner.kv_caches, meta))
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0].float()
@@ -90,7 +91,7 @@ def test_bfloat16_checkpoint_runs_close_to_transformers(checkpoint):
     prompt = prompts([24])[0]
     seq = Sequence("r", prompt, GREEDY)
     llm.engine.kv.allocate(seq, len(prompt))
-    ids, pos, meta, _, _ = llm.engine.runner.prepare([(seq, len(prompt))])
+    ids, pos, meta, _ = llm.engine.runner.prepare(works_for([(seq, len(prompt))]))
     ours = llm.engine.model.logits(llm.engine.model(ids, pos, llm.engine.runner.kv_caches, meta))
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].float()

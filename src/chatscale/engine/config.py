@@ -29,6 +29,11 @@ class EngineConfig:
     kv_host_bytes: int = 0  # second KV tier (host memory on GPU, a disk area on CPU); 0: off
     kv_host_dir: str | None = None  # where the CPU disk area lives (default: the temp directory)
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    speculative_model: str | None = None  # a draft model directory, "demo-draft", or "ngram"; None: off
+    num_speculative_tokens: int = 4
+    ngram_prompt_lookup_max: int = 4
+    ngram_prompt_lookup_min: int = 1
+    speculative_max_batch: int | None = None  # None: the roofline decides per step
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -38,6 +43,8 @@ class EngineConfig:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be at least 1")
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +66,16 @@ class EngineConfig:
                             "a disk area on CPU); kept only if restoring measures cheaper than recomputing")
         p.add_argument("--kv-host-dir", default=None, help="directory of the CPU second tier (default: temp)")
         p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--speculative-model", default=None,
+                       help="speculative decoding: a draft model directory with the target's tokenizer, "
+                            "'demo-draft' (the shipped draft model) or 'ngram' (prompt lookup, no model)")
+        p.add_argument("--num-speculative-tokens", type=int, default=d["num_speculative_tokens"].default,
+                       help="tokens proposed per decode and verified in one target pass")
+        p.add_argument("--ngram-prompt-lookup-max", type=int, default=d["ngram_prompt_lookup_max"].default)
+        p.add_argument("--ngram-prompt-lookup-min", type=int, default=d["ngram_prompt_lookup_min"].default)
+        p.add_argument("--speculative-max-batch", type=int, default=None,
+                       help="speculate only up to this many running sequences (default: where the "
+                            "roofline says it pays, measured at start-up)")
         p.add_argument("--seed", type=int, default=d["seed"].default)
 
     @classmethod

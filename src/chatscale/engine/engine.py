@@ -21,12 +21,14 @@ from chatscale.engine.detokenizer import IncrementalDetokenizer
 from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from chatscale.engine.kv_tier import HostTier
-from chatscale.engine.runner import ModelRunner, kv_bytes_per_block
+from chatscale.engine.runner import ModelRunner, Work, kv_bytes_per_block, works_for
 from chatscale.engine.tier_costs import TierCosts, measure_tier_costs
 from chatscale.engine.sampler import Sampler
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.scheduler import Scheduler
 from chatscale.engine.sequence import Sequence
+from chatscale.engine.spec_decode import (DraftModelProposer, NgramProposer, Proposal, SpecDecodeStats,
+                                          SpecPolicy, verify)
 from chatscale.models.loader import GenerationDefaults, load_model
 from chatscale.models.tokenizer import Tokenizer
 
@@ -102,6 +104,42 @@ class LLMEngine:
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.total_scheduled_tokens = 0  # every token any step computed, prefill and decode
         self._ids = itertools.count()
+        self.proposer: DraftModelProposer | NgramProposer | None = None
+        self.spec_policy: SpecPolicy | None = None
+        self.spec_stats: SpecDecodeStats | None = None
+        if config.speculative_model:
+            self._enable_speculation()
+
+    def _enable_speculation(self) -> None:
+        cfg = self.config
+        draft_ratio = 0.0
+        if cfg.speculative_model == "ngram":
+            self.proposer = NgramProposer(cfg.ngram_prompt_lookup_max, cfg.ngram_prompt_lookup_min)
+        else:
+            path = cfg.speculative_model
+            if path == "demo-draft":
+                from chatscale.models.demo import demo_model_path
+
+                path = str(demo_model_path("draft"))
+            draft = load_model(path, cfg.dtype, cfg.device)
+            if draft.cfg.vocab_size != self.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
+                                 f"target's ({self.vocab_size}); a draft must share the target's tokenizer")
+            self.proposer = DraftModelProposer(ModelRunner(draft, cfg, self.runner.num_blocks), self.sampler)
+            draft_ratio = _weight_bytes(draft) / _weight_bytes(self.model)
+        ridge_tokens = 0.0
+        if cfg.speculative_max_batch is None:
+            from chatscale.planner.hardware import measure_this_machine
+
+            hw = measure_this_machine(0.5, str(self.runner.device))
+            itemsize = self.model.embed.element_size()
+            ridge_tokens = hw.ridge_point("fp32" if itemsize == 4 else "bf16") * itemsize / 2
+        self.spec_policy = SpecPolicy(cfg.num_speculative_tokens, ridge_tokens, draft_ratio,
+                                      cfg.speculative_max_batch)
+        self.spec_stats = SpecDecodeStats()
+        log.info("speculative decoding with %s, %d tokens; pays up to batch %d by the roofline (ridge %.1f tokens)",
+                 cfg.speculative_model, cfg.num_speculative_tokens,
+                 self.spec_policy.largest_batch(SpecPolicy.PRIOR_ACCEPTANCE), ridge_tokens)
 
     def _enable_second_tier(self) -> None:
         """Keep the second tier only if restoring a page measures cheaper than recomputing it."""
@@ -115,6 +153,15 @@ class LLMEngine:
         else:
             self.runner.host_pages = None
         log.info("second KV tier %s: %s", "on" if self.tier_report.pays else "off (does not pay)", self.tier_report)
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Tokens to propose for `seq`: none where the target's distribution depends on tokens not
+        yet known (penalties, min_tokens) or logprobs are asked for; never past max_tokens."""
+        p = seq.params
+        if p.needs_penalties or p.logprobs is not None or seq.num_output_tokens < p.min_tokens:
+            return 0
+        room = min(p.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
+        return max(0, min(self.config.num_speculative_tokens, room))
 
     @property
     def model_path(self) -> Path:
@@ -200,23 +247,33 @@ class LLMEngine:
 
     # ---- the step loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.spec_policy is not None:
+            batch = max(len(self.scheduler.running), 1)
+            pays = self.spec_policy.pays(batch, self.spec_policy.acceptance(self.spec_stats))
+            self.scheduler.lookahead = self._lookahead if pays else _no_lookahead
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self.runner.apply_copies(plan.copies)
             return []
         start = time.monotonic()
-        chunks = [(seq.num_computed_tokens, n) for seq, n in plan.scheduled]
-        logits, seqs = self.runner.execute(plan.scheduled, plan.copies)
+        works = works_for(plan.scheduled)
+        proposals = self.proposer.propose(plan.lookahead) if plan.lookahead else {}
+        for w in works:
+            if proposals.get(w.seq) and proposals[w.seq].tokens:
+                w.ids = w.ids + proposals[w.seq].tokens
+                w.num_logits = len(w.ids)
+        chunks = [(w.start, len(w.ids)) for w in works]
+        logits = self.runner.run(works, plan.copies)
         for seq, _ in plan.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
         self.scheduler.advance(plan)
-        self.total_scheduled_tokens += plan.num_batched_tokens
-        tokens, logprobs = self.sampler(logits, seqs)
+        self.total_scheduled_tokens += sum(n for _, n in chunks)
+        new_tokens = self._sample(works, logits, proposals)
         now = time.monotonic()
         self.last_step = StepStats(
             num_seqs=len(plan.scheduled),
-            num_tokens=plan.num_batched_tokens,
+            num_tokens=sum(n for _, n in chunks),
             num_prefill_tokens=sum(n for _, n in plan.scheduled if n > 1),
             duration_s=now - start,
             chunks=chunks,
@@ -225,22 +282,57 @@ class LLMEngine:
         for listener in self.step_listeners:
             listener(self.last_step)
         touched: dict[str, _Request] = {}
-        for seq, token, lp in zip(seqs, tokens, logprobs):
+        for seq, tokens, logprobs in new_tokens:
             req = self.requests[seq.request_id]
-            seq.append_token(token)
-            if lp is not None:
-                seq.output_logprobs.append(lp)
-            seq.first_token_time = seq.first_token_time or now
-            seq.last_token_time = now
             detok = req.detoks[seq.index]
-            detok.add(token)
-            if seq.check_stop(self.eos_token_ids, self.max_model_len):
-                self.scheduler.finish(seq)
-            elif detok.stopped_by is not None:
-                seq.stop_reason = detok.stopped_by
-                self.scheduler.finish(seq, "stop")
+            for token, lp in zip(tokens, logprobs):
+                seq.append_token(token)
+                if lp is not None:
+                    seq.output_logprobs.append(lp)
+                seq.first_token_time = seq.first_token_time or now
+                seq.last_token_time = now
+                detok.add(token)
+                if seq.check_stop(self.eos_token_ids, self.max_model_len):
+                    self.scheduler.finish(seq)
+                elif detok.stopped_by is not None:
+                    seq.stop_reason = detok.stopped_by
+                    self.scheduler.finish(seq, "stop")
+                if seq.is_finished:
+                    break
+            if seq in plan.lookahead and not seq.is_finished:
+                self.scheduler.accept(seq, len(tokens) - 1)
+                seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
             touched[req.request_id] = req
         return [self._output(req, now) for req in touched.values()]
+
+    def _sample(self, works: list[Work], logits: torch.Tensor, proposals: dict[Sequence, Proposal]
+                ) -> list[tuple[Sequence, list[int], list]]:
+        """New tokens per sequence, in batch order: one sampled token for a plain row; for a
+        speculating sequence, its accepted proposals plus one token of the target's."""
+        plain_rows, plain, spec, row = [], [], [], 0
+        for w in works:
+            if w.num_logits > 1:
+                spec.append((w.seq, row, w.num_logits))
+            elif w.num_logits:
+                plain_rows.append(row)
+                plain.append(w.seq)
+            row += w.num_logits
+        result: dict[Sequence, tuple[list[int], list]] = {}
+        if plain:
+            tokens, logprobs = self.sampler(logits[torch.tensor(plain_rows, device=logits.device)], plain)
+            result.update((seq, ([t], [lp])) for seq, t, lp in zip(plain, tokens, logprobs))
+        if spec:
+            rows = torch.cat([torch.arange(r, r + n) for _, r, n in spec]).to(logits.device)
+            dist = self.sampler.distribution(logits[rows], [seq for seq, _, n in spec for _ in range(n)])
+            at = 0
+            for seq, _, n in spec:
+                tokens = verify(dist[at:at + n], proposals[seq], seq)
+                at += n
+                self.spec_stats.drafts += 1
+                self.spec_stats.draft_tokens += n - 1
+                self.spec_stats.accepted_tokens += len(tokens) - 1
+                result[seq] = (tokens, [None] * len(tokens))
+        return [(w.seq, *result[w.seq]) for w in works if w.seq in result]
 
     def _output(self, req: _Request, now: float) -> RequestOutput:
         outs = []
@@ -270,3 +362,11 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished,
                              min(s.num_cached_tokens for s in req.seqs), m)
+
+
+def _no_lookahead(seq: Sequence) -> int:
+    return 0
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

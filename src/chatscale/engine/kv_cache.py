@@ -265,6 +265,12 @@ class KVCacheManager:
         """After a step computed tokens of `seq`: register the pages they filled."""
         self._register_full_blocks(seq, seq.num_computed_tokens)
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the pages past the last computed token (a rejected speculative lookahead)."""
+        keep = self.blocks_for(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            self._release(self.blocks[seq.block_table.pop()])
+
     def free(self, seq: Sequence) -> None:
         """Release every page of `seq` at once (finished, aborted or preempted).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +20,29 @@ from chatscale.models.llama import LlamaForCausalLM
 
 
 DECODE_GROUP = 16  # decodes attended together: small enough that gathered pages stay in cache
+
+
+@dataclass
+class Work:
+    """Tokens `ids` of `seq` at positions `[start, start + len(ids))`, whose KV goes into the pages
+    of `seq.block_table`; logits are wanted for the last `num_logits` of them.
+
+    A plain step computes each sequence's next tokens; speculative decoding also runs the draft
+    model on its own positions and verifies several proposed tokens per sequence in one pass."""
+
+    seq: Sequence
+    start: int
+    ids: list[int]
+    num_logits: int = 1
+
+
+def works_for(scheduled: list[tuple[Sequence, int]]) -> list[Work]:
+    """A plain step: `n` new tokens per sequence; logits where the last known token is computed."""
+    works = []
+    for seq, n in scheduled:
+        start = seq.num_computed_tokens
+        works.append(Work(seq, start, seq.token_ids[start:start + n], int(start + n == seq.num_tokens)))
+    return works
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
@@ -115,57 +139,57 @@ class ModelRunner:
             ok &= q_pos - k_pos < self.sliding_window
         return ok
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[Sequence]]:
-        """Inputs, positions and attention layout of a step, the rows whose logits are needed and
-        the sequences those rows belong to."""
+    def prepare(self, works: list[Work]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Inputs, positions and attention layout of a step, and the rows whose logits are needed
+        (in the order of `works`)."""
         # Decodes first, longest context first, so that neighbours in a decode group pad little.
-        decodes = sorted(((s, n) for s, n in scheduled if n == 1), key=lambda x: -x[0].num_computed_tokens)
-        chunks = [(s, n) for s, n in scheduled if n > 1]
+        order = sorted(range(len(works)), key=lambda i: (len(works[i].ids) > 1, -works[i].start))
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        for seq, n in decodes + chunks:
-            start = seq.num_computed_tokens
-            ids += seq.token_ids[start: start + n]
-            for pos in range(start, start + n):
+        first_row = [0] * len(works)
+        for i in order:
+            w = works[i]
+            first_row[i] = len(ids)
+            ids += w.ids
+            table = w.seq.block_table
+            for pos in range(w.start, w.start + len(w.ids)):
                 positions.append(pos)
-                slot_mapping.append(seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+                slot_mapping.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
         meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), block_size=self.block_size)
+        decodes = [works[i] for i in order if len(works[i].ids) == 1]
         for start in range(0, len(decodes), DECODE_GROUP):
             group = decodes[start: start + DECODE_GROUP]
-            lens = self._tensor([s.num_computed_tokens + 1 for s, _ in group])
-            blocks = self._pages([s.block_table for s, _ in group], int(lens.max()))
+            lens = self._tensor([w.start + 1 for w in group])
+            blocks = self._pages([w.seq.block_table for w in group], int(lens.max()))
             k_pos = torch.arange(blocks.shape[1] * self.block_size, device=self.device)
             hidden = ~self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, :]
             meta.decode_groups.append(DecodeGroup(start, start + len(group), blocks, hidden))
-        row = len(decodes)
-        for seq, n in chunks:
-            start = seq.num_computed_tokens
+        for i in order[len(decodes):]:
+            w = works[i]
+            start, n = w.start, len(w.ids)
             ctx = start + n
             windowed = self.sliding_window is not None and ctx > self.sliding_window
             pages = mask = None
             if start > 0 or windowed:
-                pages = self._pages([seq.block_table], ctx) if start > 0 else None
+                pages = self._pages([w.seq.block_table], ctx) if start > 0 else None
                 width = ctx if pages is None else pages.shape[1] * self.block_size
                 q_pos = torch.arange(start, ctx, device=self.device)
                 mask = self._visible(q_pos[:, None], torch.arange(width, device=self.device)[None, :])
-            meta.prefills.append(PrefillChunk(row, row + n, pages, mask))
-            row += n
-        # A sequence needs logits only when this step computes its last known token.
-        rows, sampled, row = [], [], 0
-        for seq, n in decodes + chunks:
-            row += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
-                rows.append(row - 1)
-                sampled.append(seq)
-        return self._tensor(ids), self._tensor(positions), meta, rows, sampled
+            meta.prefills.append(PrefillChunk(first_row[i], first_row[i] + n, pages, mask))
+        rows = [first_row[i] + len(w.ids) - k for i, w in enumerate(works) for k in range(w.num_logits, 0, -1)]
+        return self._tensor(ids), self._tensor(positions), meta, rows
 
     @torch.inference_mode()
+    def run(self, works: list[Work], copies: list[tuple[str, int, int]] = ()) -> torch.Tensor:
+        """Run one forward pass (after its page moves); logits [rows, vocab] (fp32) in work order."""
+        self.apply_copies(list(copies))
+        input_ids, positions, meta, rows = self.prepare(works)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.logits(hidden[self._tensor(rows)])
+
     def execute(self, scheduled: list[tuple[Sequence, int]],
                 copies: list[tuple[str, int, int]] = ()) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step (after its page moves); returns logits [S, vocab] (fp32) and their sequences."""
-        self.apply_copies(list(copies))
-        input_ids, positions, meta, rows, sampled = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.logits(hidden[self._tensor(rows)]), sampled
+        """A plain step: logits [S, vocab] for the sequences whose last known token it computes."""
+        works = works_for(scheduled)
+        return self.run(works, copies), [w.seq for w in works if w.num_logits]

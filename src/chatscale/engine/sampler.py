@@ -24,7 +24,7 @@ class TokenLogprobs:
     top: list[tuple[int, float]]
 
 
-def _generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
+def seq_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
     if seq.params.seed is None:
         return None
     if seq.rng is None:
@@ -73,37 +73,63 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def _tempered(logits: torch.Tensor, ps: list) -> torch.Tensor:
+    """Rows divided by their temperature and truncated to their top-k / top-p / min-p sets."""
+    x = logits / torch.tensor([p.temperature for p in ps], device=logits.device)[:, None]
+    if any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
+        x = truncate(
+            x,
+            torch.tensor([min(p.top_k, x.shape[-1]) for p in ps], device=x.device),
+            torch.tensor([p.top_p for p in ps], device=x.device),
+            torch.tensor([p.min_p for p in ps], device=x.device),
+        )
+    return x
+
+
+def exponential_race(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row drawn from `probs` as argmax(p / Exp(1)); a seeded sequence draws its
+    noise from its own generator, so its tokens do not depend on what shares the batch."""
+    noise = torch.empty_like(probs).exponential_()
+    for j, seq in enumerate(seqs):
+        gen = seq_generator(seq, probs.device)
+        if gen is not None:
+            noise[j].exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: frozenset[int]) -> None:
         self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         raw = logits
-        if any(s.params.logit_bias or s.params.needs_penalties or s.params.min_tokens for s in seqs):
-            logits = logits.clone()
-            apply_penalties(logits, seqs, self.eos_token_ids)
+        logits = self._biased(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
-            ps = [seqs[i].params for i in sampled_rows]
-            x = logits[rows] / torch.tensor([p.temperature for p in ps], device=logits.device)[:, None]
-            if any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
-                x = truncate(
-                    x,
-                    torch.tensor([min(p.top_k, x.shape[-1]) for p in ps], device=x.device),
-                    torch.tensor([p.top_p for p in ps], device=x.device),
-                    torch.tensor([p.min_p for p in ps], device=x.device),
-                )
-            probs = x.softmax(dim=-1)
-            noise = torch.empty_like(probs).exponential_()
-            for j, i in enumerate(sampled_rows):
-                gen = _generator(seqs[i], probs.device)
-                if gen is not None:
-                    noise[j].exponential_(generator=gen)
-            tokens[rows] = (probs / noise).argmax(dim=-1)
+            probs = _tempered(logits[rows], [seqs[i].params for i in sampled_rows]).softmax(dim=-1)
+            tokens[rows] = exponential_race(probs, [seqs[i] for i in sampled_rows])
         token_list = tokens.tolist()
         return token_list, self._logprobs(raw, seqs, token_list)
+
+    def distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Each row's sampling distribution (bias, penalties, temperature, truncation applied);
+        greedy rows are one-hot at their argmax. Speculative decoding tests proposals against these."""
+        logits = self._biased(logits, seqs)
+        probs = torch.zeros_like(logits)
+        probs.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            probs[rows] = _tempered(logits[rows], [seqs[i].params for i in sampled_rows]).softmax(dim=-1)
+        return probs
+
+    def _biased(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if any(s.params.logit_bias or s.params.needs_penalties or s.params.min_tokens for s in seqs):
+            logits = logits.clone()
+            apply_penalties(logits, seqs, self.eos_token_ids)
+        return logits
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:

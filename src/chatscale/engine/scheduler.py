@@ -9,6 +9,7 @@ running sequence is preempted: it drops its pages and goes back to the front of 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from chatscale.engine.kv_cache import KVCacheManager
@@ -22,10 +23,12 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     copies: list[tuple[str, int, int]] = field(default_factory=list)  # second-tier page moves, in order
+    # Speculative decoding: decodes that also verify this many proposed tokens (pages reserved).
+    lookahead: dict[Sequence, int] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+        return sum(n for _, n in self.scheduled) + sum(self.lookahead.values())
 
     @property
     def is_empty(self) -> bool:
@@ -40,6 +43,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Speculative tokens a decode may verify this step (0: none); set by the engine per step.
+        self.lookahead: Callable[[Sequence], int] = lambda seq: 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -55,7 +60,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.kv.allocate(seq, n):
+            k = min(self.lookahead(seq), budget - n) if n == seq.num_uncomputed_tokens == 1 else 0
+            while not self.kv.allocate(seq, n + k):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -63,7 +69,9 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append((seq, n))
-                budget -= n
+                if k > 0:
+                    out.lookahead[seq] = k
+                budget -= n + k
                 i += 1
                 continue
             break
@@ -86,9 +94,17 @@ class Scheduler:
             seq.num_computed_tokens += n
             self.kv.commit(seq)
 
+    def accept(self, seq: Sequence, num_accepted: int) -> None:
+        """After verifying a decode's lookahead: the accepted proposals keep their KV (and full
+        pages join the prefix cache); the pages reserved for the rejected ones go back."""
+        seq.num_computed_tokens += num_accepted
+        self.kv.commit(seq)
+        self.kv.trim(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_draft_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -48,6 +48,7 @@ class Sequence:
     block_hashes: list = field(default_factory=list)  # chained hashes of full pages (KV manager's)
     num_registered_blocks: int = 0  # leading pages already named in the prefix cache
     num_preemptions: int = 0
+    num_draft_computed_tokens: int = 0  # speculative decoding: tokens with KV in the draft model's pages
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
