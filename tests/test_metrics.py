@@ -137,23 +137,27 @@ def test_kv_usage_is_live_pages_over_all_and_cached_pages_are_split_out(checkpoi
     assert m["prefix_cache_queries_total"] == 70 and m["prefix_cache_hits_total"] == 0
 
 
-def test_preemptions_and_speculative_totals_are_read_from_the_engine(checkpoint):
-    core = engine(checkpoint)
+def test_preemptions_and_speculative_decoding_totals_are_the_engines(checkpoint):
+    """A repetitive prompt with n-gram speculation on: the counters are the engine's own totals."""
+    core = engine(checkpoint, speculative_model="ngram", speculative_max_batch=8)
     metrics = Metrics(MODEL)
     metrics.attach(core)
+    core.add_request([5, 6, 7, 8] * 10, greedy(16))
+    run(core)
     core.scheduler.num_preemptions = 3
     metrics.observe_engine(core)
     m = values(metrics)
+    spec = core.spec_stats
+    assert spec.drafts > 0
     assert m["num_preemptions_total"] == 3
-    spec = getattr(core, "spec_stats", None)
-    expected = (0, 0, 0) if spec is None else (spec.drafts, spec.draft_tokens, spec.accepted_tokens)
     assert (m["spec_decode_num_drafts_total"], m["spec_decode_num_draft_tokens_total"],
-            m["spec_decode_num_accepted_tokens_total"]) == expected
+            m["spec_decode_num_accepted_tokens_total"]) == (spec.drafts, spec.draft_tokens, spec.accepted_tokens)
+    assert m["spec_decode_mean_acceptance_length"] == 1 + spec.accepted_tokens / spec.drafts
 
 
 def test_request_histograms_count_one_observation_per_request(checkpoint):
     """Three streamed and two plain chats plus one completion of two prompts: seven engine requests,
-    each 6 tokens, so seven TTFTs, queue times and end-to-end latencies, and 5 gaps each."""
+    each 6 tokens, so seven TTFTs, queue times and end-to-end latencies, and 5 inter-token gaps each."""
     server_engine = make_engine(checkpoint("llama"))
     body = {"model": MODEL, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     chat = {**body, "messages": [{"role": "user", "content": "How large is a KV page?"}]}
@@ -172,6 +176,9 @@ def test_request_histograms_count_one_observation_per_request(checkpoint):
     for name in ("time_to_first_token_seconds", "request_queue_time_seconds", "e2e_request_latency_seconds"):
         assert m[f"{name}_count"] == 7, name
     assert m["inter_token_latency_seconds_count"] == 7 * 5
+    # One token per output: a request's gaps add up to its first token -> last token time.
+    assert m["inter_token_latency_seconds_sum"] == pytest.approx(
+        m["e2e_request_latency_seconds_sum"] - m["time_to_first_token_seconds_sum"])
     assert 0 <= m["request_queue_time_seconds_sum"] <= m["time_to_first_token_seconds_sum"]
     assert m["time_to_first_token_seconds_sum"] < m["e2e_request_latency_seconds_sum"]
     assert m["generation_tokens_total"] == 7 * 6

@@ -172,7 +172,7 @@ class Metrics:
                 self._seen[i] = total
         spec = getattr(engine, "spec_stats", None)
         if spec is not None and spec.drafts:
-            self.spec_decode_mean_acceptance_length.set(1 + spec.accepted_tokens / spec.drafts)
+            self.spec_decode_mean_acceptance_length.set(spec.mean_acceptance_length)
         self._observe_window()
 
     def _observe_window(self) -> None:
@@ -189,9 +189,9 @@ class Metrics:
             self.mbu.set(moved / busy / self.peaks.memory_bandwidth if busy else 0.0)
 
     def observe_output(self, out: RequestOutput, previous: float | None) -> float:
-        """Count one engine output; `previous` is when this request's last output arrived (None for
-        its first). Returns now, to pass as `previous` next time."""
-        now = time.monotonic()
+        """Count one engine output; `previous` is the step time of this request's last output (None
+        for its first). Returns this output's, to pass as `previous` next time."""
+        now = out.step_time
         per_choice = max((len(o.delta_token_ids) for o in out.outputs), default=0)
         self.generation_tokens.inc(sum(len(o.delta_token_ids) for o in out.outputs))
         m = out.metrics

@@ -121,7 +121,7 @@ class LLMEngine:
                 from chatscale.models.demo import demo_model_path
 
                 path = str(demo_model_path("draft"))
-            draft = load_model(path, cfg.dtype, cfg.device)
+            draft = load_model(path, "float32", cfg.device)
             if draft.cfg.vocab_size != self.vocab_size:
                 raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
                                  f"target's ({self.vocab_size}); a draft must share the target's tokenizer")
@@ -361,7 +361,7 @@ class LLMEngine:
             m.finished_time = now
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished,
-                             min(s.num_cached_tokens for s in req.seqs), m)
+                             min(s.num_cached_tokens for s in req.seqs), m, step_time=now)
 
 
 def _no_lookahead(seq: Sequence) -> int:

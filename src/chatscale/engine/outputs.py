@@ -40,6 +40,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    # time.monotonic() when the step that produced this output ended: inter-token latency is
+    # measured between these, not on arrival at a consumer that may take several at once.
+    step_time: float | None = None
 
     @property
     def num_generated_tokens(self) -> int:

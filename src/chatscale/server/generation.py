@@ -70,7 +70,7 @@ async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> Asy
     disconnect, a cancelled task) aborts every engine request behind it."""
     streams = [engine.generate(ids, p, f"{gen.id}-{i}", gen.cache_salt)
                for i, (ids, p) in enumerate(zip(gen.prompts, gen.params))]
-    last_output: dict[int, float] = {}  # per prompt: when its previous output arrived (inter-token latency)
+    last_output: dict[int, float] = {}  # per prompt: its previous output's step time (inter-token latency)
     async with aclosing(merge(streams)) as merged:
         async for i, out in merged:
             last_output[i] = metrics.observe_output(out, last_output.get(i))
