@@ -50,6 +50,12 @@ def _add_tokens(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_top(sub: argparse._SubParsersAction) -> None:
+    from chatscale.top import add_parser
+
+    add_parser(sub)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from chatscale.server.settings import ServerSettings
 
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_bench(sub)
     _add_tokens(sub)
+    _add_top(sub)
     return parser
 
 
