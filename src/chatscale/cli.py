@@ -71,6 +71,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from chatscale.sim.cli import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_tokens(sub)
     _add_top(sub)
+    _add_simulate(sub)
     return parser
 
 

@@ -1,0 +1,189 @@
+"""`chatscale simulate`: replay traffic on simulated replicas and fleets, measure a step profile,
+and size a fleet for an SLO.
+
+  chatscale simulate profile --out profile.json            # measure this machine's engine
+  chatscale simulate replica --workload poisson:8:60 --cost profile.json
+  chatscale simulate fleet --workload day:3000:3600:23 --cost roofline:llama-3-8b:h100 --replicas 1000
+  chatscale simulate size --workload azure-conv --cost roofline:llama-3-70b:h100:4 --slo-ttft 1
+
+Workloads: poisson:RATE:SECONDS, day:RATE:SECONDS[:START_HOUR_UTC] (multi-region conversations,
+Japan's morning spike), azure-conv, azure-code, mooncake, log:PATH (a gateway request log);
+--rate and --length scale any of them. Costs: a profile JSON, or roofline:MODEL:HARDWARE[:TP].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate replicas and fleets on the real scheduler and KV cache",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmds = p.add_subparsers(dest="sim_command", required=True)
+
+    prof = cmds.add_parser("profile", help="measure a real engine's step times here and fit the cost model")
+    prof.add_argument("--model", default="", help="HF model directory (default: the demo target)")
+    prof.add_argument("--threads", type=int, default=1)
+    prof.add_argument("--repeats", type=int, default=1)
+    prof.add_argument("--out", type=Path, default=Path("profile.json"))
+    prof.set_defaults(func=_run_profile)
+
+    for name, helptext in (("replica", "one replica twin, step level"),
+                           ("fleet", "a multi-region fleet, request or step level"),
+                           ("size", "the smallest fleet that meets an SLO")):
+        c = cmds.add_parser(name, help=helptext)
+        _common(c)
+        if name != "replica":
+            c.add_argument("--replicas", type=int, default=8, help="replicas, split by each region's traffic")
+            c.add_argument("--routing", default="affinity",
+                           choices=["affinity", "round-robin", "least-outstanding", "random"])
+            c.add_argument("--candidates", type=int, default=8,
+                           help="replicas offered to the router per request at request level (0: all)")
+            c.add_argument("--max-queue", type=int, default=None,
+                           help="admission control: turn requests away when the chosen replica queues this many")
+        if name == "fleet":
+            c.add_argument("--level", choices=["request", "step"], default="request")
+        if name == "size":
+            c.add_argument("--target", type=float, default=0.99, help="fraction of requests within the SLO")
+        c.set_defaults(func=_run)
+
+
+def _common(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--workload", required=True)
+    c.add_argument("--rate", type=float, default=1.0, help="speed arrivals up by this factor")
+    c.add_argument("--length", type=float, default=1.0, help="scale prompt and answer lengths")
+    c.add_argument("--max-requests", type=int, default=None)
+    c.add_argument("--cost", required=True, help="profile JSON or roofline:MODEL:HARDWARE[:TP]")
+    c.add_argument("--num-blocks", type=int, default=None, help="KV pages per replica (default: what fits)")
+    c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--max-num-seqs", type=int, default=256)
+    c.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    c.add_argument("--slo-ttft", type=float, default=2.0)
+    c.add_argument("--slo-tpot", type=float, default=0.1)
+    c.add_argument("--json", type=Path, default=None, help="write the summary (and timeline) here")
+    c.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
+    c.add_argument("--seed", type=int, default=0)
+
+
+def load_workload(spec: str, seed: int = 0):
+    """A workload from its command-line spec (see the module docstring)."""
+    from chatscale.sim import workloads as W
+
+    kind, *args = spec.split(":", 1)[0], *spec.split(":")[1:]
+    if kind == "poisson":
+        return W.poisson(float(args[0]), float(args[1]), (64, 1024), (16, 512), seed=seed)
+    if kind == "day":
+        start = float(args[2]) if len(args) > 2 else 0.0
+        return W.conversations(float(args[0]), float(args[1]), start_hour_utc=start,
+                               spike={"ap-japan": 1.5}, seed=seed)
+    if kind in ("azure-conv", "azure-code"):
+        return W.azure(kind.split("-")[1])
+    if kind == "mooncake":
+        return W.mooncake()
+    if kind == "log":
+        return W.gateway_log(Path(spec.split(":", 1)[1]))
+    raise SystemExit(f"unknown workload {spec!r}")
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from chatscale.sim.profile import run_profile
+
+    cost = run_profile(args.model, args.threads, args.repeats)
+    cost.save(args.out)
+    print(f"wrote {args.out}: coefficients {cost.coefficients}, mean step error {cost.source['mean_abs_error']:.1%}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from chatscale.sim.cost import RooflineStepCost, load_cost_model
+    from chatscale.sim.results import Slo
+    from chatscale.sim.twin import TwinConfig
+
+    w = load_workload(args.workload, args.seed).scaled(rate=args.rate, length=args.length)
+    if args.max_requests:
+        w = w.first(args.max_requests)
+    cost = load_cost_model(args.cost)
+    blocks = args.num_blocks or (cost.kv_blocks(args.block_size) if isinstance(cost, RooflineStepCost)
+                                 else cost.source.get("num_blocks", 4096))
+    config = TwinConfig(num_blocks=blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        vocab=getattr(cost, "source", {}).get("vocab", 32000))
+    slo = Slo(args.slo_ttft, args.slo_tpot)
+    started = time.time()
+    out: dict = {"workload": args.workload, "requests": len(w), "cost": args.cost, "num_blocks": blocks}
+    if args.sim_command == "replica":
+        from chatscale.sim.replay import simulate_replica
+
+        log, twin = simulate_replica(w, cost, config, show_progress=True)
+        out["steps"] = twin.num_steps
+        timeline = None
+    elif args.sim_command == "fleet":
+        log, timeline, extra = _fleet(args, w, cost, config)
+        out.update(extra)
+    else:
+        from chatscale.sim.sizing import size_fleet
+
+        found = size_fleet(w, lambda topo: _request_level(args, w, cost, config, topo).log, slo, args.target)
+        out.update(replicas=found.replicas, tried=found.tried, wall_s=time.time() - started)
+        print(json.dumps(out, indent=2))
+        _save(args.json, out)
+        return 0
+    out["wall_s"] = time.time() - started
+    out["summary"] = log.summary(slo)
+    print(json.dumps(out, indent=2))
+    if timeline is not None:
+        out["timeline"] = timeline.as_dict()
+    _save(args.json, out)
+    if args.plots:
+        from chatscale.sim import plots
+
+        args.plots.mkdir(parents=True, exist_ok=True)
+        plots.latency_cdfs({args.sim_command: log}, args.plots / "latency.png", args.workload)
+        if timeline is not None:
+            plots.timeline(timeline, args.plots / "timeline.png", args.workload)
+    return 0
+
+
+def _fleet(args, w, cost, config):
+    from chatscale.sim.sizing import proportional
+
+    topo = proportional(w, args.replicas)
+    if args.level == "request":
+        res = _request_level(args, w, cost, config, topo, show_progress=True)
+        return res.log, res.timeline, {"topology": topo.replicas, "retried": res.retried, "spilled": res.spilled}
+    from chatscale.sim.fleet import StepLevelFleet
+
+    res = StepLevelFleet(topo, cost, config, _picker(args, w), _admitter(args)).run(w, show_progress=True)
+    return res.log, res.timeline, {"topology": topo.replicas, "steps": res.steps}
+
+
+def _request_level(args, w, cost, config, topo, show_progress: bool = False):
+    from chatscale.sim.curves import ReplicaCurves
+    from chatscale.sim.request_level import RequestLevelFleet
+
+    curves = ReplicaCurves.from_cost(cost, config.num_blocks * config.block_size, config.max_num_seqs,
+                                     config.block_size, config.max_num_batched_tokens)
+    fleet = RequestLevelFleet(topo, curves, _picker(args, w), _admitter(args), candidates=args.candidates,
+                              seed=args.seed)
+    return fleet.run(w, show_progress)
+
+
+def _picker(args, w):
+    from chatscale.sim.pickers import make_picker
+
+    return make_picker(args.routing, w.conv.tolist(), args.seed)
+
+
+def _admitter(args):
+    if args.max_queue is None:
+        return None
+    limit = args.max_queue
+    return lambda i, view, now: view.queued < limit
+
+
+def _save(path: Path | None, data: dict) -> None:
+    if path:
+        path.write_text(json.dumps(data))

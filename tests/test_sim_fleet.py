@@ -1,0 +1,108 @@
+"""Fleets: request level against step level, routing, admission, failures, sizing and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from chatscale.sim import workloads as W
+from chatscale.sim.cost import RooflineStepCost
+from chatscale.sim.curves import ReplicaCurves
+from chatscale.sim.fleet import StepLevelFleet
+from chatscale.sim.pickers import make_picker
+from chatscale.sim.request_level import RequestLevelFleet
+from chatscale.sim.results import Slo
+from chatscale.sim.sizing import proportional, size_fleet
+from chatscale.sim.topology import Failure, Topology
+from chatscale.sim.twin import TwinConfig
+
+COST = RooflineStepCost.named("llama-3-8b", "h100")
+CONFIG = TwinConfig(num_blocks=3000, max_num_seqs=64)
+CURVES = ReplicaCurves.from_cost(COST, CONFIG.num_blocks * CONFIG.block_size, CONFIG.max_num_seqs)
+USERS = W.Users(think_s=20, max_context=4096)
+
+
+def chat(rate: float, seconds: float = 120, regions=None, seed: int = 0) -> W.Workload:
+    return W.conversations(rate, seconds, start_hour_utc=14, regions=regions or {"us-east": (-5, 1.0)},
+                           users=USERS, seed=seed)
+
+
+def request_level(w, replicas, policy="affinity", curves=CURVES, **kw):
+    topo = replicas if isinstance(replicas, Topology) else Topology.even(w.regions, replicas)
+    return RequestLevelFleet(topo, curves, make_picker(policy, w.conv.tolist()), **kw).run(w)
+
+
+def test_request_level_agrees_with_step_level_at_moderate_load():
+    w = chat(40)
+    topo = Topology.even(w.regions, 3)
+    fast = request_level(w, topo).log.summary()
+    step = StepLevelFleet(topo, COST, CONFIG, make_picker("affinity", w.conv.tolist())).run(w).log.summary()
+    assert fast["completed"] == step["completed"] == len(w)
+    assert abs(fast["cache_hit_rate"] - step["cache_hit_rate"]) < 0.1
+    for figure in (("ttft", "p50"), ("tpot", "p50")):
+        a, b = fast[figure[0]][figure[1]], step[figure[0]][figure[1]]
+        assert abs(a - b) / b < 0.35, (figure, a, b)
+
+
+def test_affinity_routing_hits_the_cache_round_robin_misses():
+    w = chat(200, seconds=300)
+    whole_gpu = ReplicaCurves.from_cost(COST, COST.kv_blocks(16) * 16, 256)  # ~430k tokens of KV each
+    hits = {p: request_level(w, 16, p, whole_gpu, candidates=4).log.summary()["cache_hit_rate"]
+            for p in ("affinity", "round-robin", "random")}
+    ideal = w.prefix.sum() / w.prompt.sum()
+    assert hits["affinity"] > 0.8 * ideal and hits["round-robin"] < 0.2 * ideal
+    assert abs(hits["round-robin"] - hits["random"]) < 0.05
+    # a tenth of the KV budget holds a tenth of the conversations: the hit rate falls
+    small = ReplicaCurves.from_cost(COST, COST.kv_blocks(16) * 16 // 10, 256)
+    assert request_level(w, 16, "affinity", small).log.summary()["cache_hit_rate"] < hits["affinity"] - 0.2
+
+
+def test_more_replicas_lower_latency_and_admission_caps_the_queue():
+    w = chat(600, seconds=120)
+    few, many = request_level(w, 2).log.summary(), request_level(w, 12).log.summary()
+    assert few["ttft"]["p90"] > 5 * many["ttft"]["p90"]
+    limited = request_level(w, 2, admit=lambda i, v, now: v.queued < 8).log
+    s = limited.summary()
+    assert 0.1 < s["rejection_rate"] < 0.95 and s["ttft"]["p99"] < few["ttft"]["p99"] / 3
+    assert np.isnan(limited.first_token[limited.rejected]).all()
+
+
+def test_failed_replica_requests_are_retried_elsewhere():
+    w = chat(100, seconds=120)
+    topo = Topology.even(w.regions, 4, failures=[Failure(at=30, replica=0, down_for=60)])
+    res = request_level(w, topo)
+    s = res.log.summary()
+    assert res.retried > 0 and s["completed"] == len(w)
+    during = (w.arrival > 31) & (w.arrival < 89)
+    assert not np.any(res.log.replica[during] == 0)
+    assert np.any(res.log.replica[w.arrival > 95] == 0)
+
+
+def test_users_far_away_pay_the_round_trip_and_spill_over():
+    w = chat(100, seconds=60, regions={"us-east": (-5, 1.0), "ap-japan": (9, 1.0)})
+    local = request_level(w, Topology({"us-east": 2, "ap-japan": 2})).log
+    remote = request_level(w, Topology({"us-east": 4})).log
+    japan = w.region == 1
+    assert np.median(remote.ttft[japan] - local.ttft[japan]) > 0.1  # us-east <-> ap-japan: 150 ms
+
+
+def test_fleet_size_search_finds_the_smallest_fleet_that_meets_the_slo():
+    w = chat(300, seconds=120)
+    slo = Slo(ttft_s=0.5, tpot_s=0.05)
+    found = size_fleet(w, lambda topo: request_level(w, topo).log, slo, target=0.95)
+    assert found.replicas is not None and found.tried[found.replicas] >= 0.95
+    assert any(n < found.replicas and a < 0.95 for n, a in found.tried.items())
+    assert proportional(w, found.replicas).size == found.replicas
+
+
+def test_cli_fleet_writes_summary_and_plots(tmp_path):
+    from chatscale.cli import main
+
+    out = tmp_path / "fleet.json"
+    assert main(["simulate", "fleet", "--workload", "day:100:120:23", "--cost", "roofline:llama-3-8b:h100",
+                 "--replicas", "10", "--json", str(out), "--plots", str(tmp_path)]) == 0
+    data = json.loads(out.read_text())
+    assert data["summary"]["completed"] == data["requests"] > 0
+    assert sum(data["topology"].values()) == 10 and len(data["timeline"]["kv_usage"][0]) == 10
+    assert (tmp_path / "latency.png").stat().st_size > 10_000 and (tmp_path / "timeline.png").is_file()
