@@ -158,6 +158,11 @@ def test_policy_speculates_only_while_the_verify_pass_is_memory_bound():
     assert SpecPolicy(4, 20.0, 0.1, max_batch=8).pays(8, 0.0)  # the operator's override
     stats = SpecDecodeStats(drafts=10, draft_tokens=40, accepted_tokens=30)
     assert stats.acceptance_rate == 0.75 and stats.mean_acceptance_length == 4.0
+    # Each sequence's own record decides, starting from the prior.
+    seq = Sequence("r", [1], SamplingParams())
+    assert policy.acceptance(seq) == SpecPolicy.PRIOR_ACCEPTANCE
+    seq.num_spec_draft_tokens = 400
+    assert policy.acceptance(seq) < 0.02 and not policy.pays(1, policy.acceptance(seq))
 
 
 def test_engine_turns_speculation_off_for_a_large_batch(pair):

@@ -107,6 +107,7 @@ class LLMEngine:
         self.proposer: DraftModelProposer | NgramProposer | None = None
         self.spec_policy: SpecPolicy | None = None
         self.spec_stats: SpecDecodeStats | None = None
+        self._spec_batch = 1  # running sequences when this step was planned
         if config.speculative_model:
             self._enable_speculation()
 
@@ -121,7 +122,7 @@ class LLMEngine:
                 from chatscale.models.demo import demo_model_path
 
                 path = str(demo_model_path("draft"))
-            draft = load_model(path, "float32", cfg.device)
+            draft = load_model(path, cfg.dtype, cfg.device)
             if draft.cfg.vocab_size != self.vocab_size:
                 raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
                                  f"target's ({self.vocab_size}); a draft must share the target's tokenizer")
@@ -156,9 +157,12 @@ class LLMEngine:
 
     def _lookahead(self, seq: Sequence) -> int:
         """Tokens to propose for `seq`: none where the target's distribution depends on tokens not
-        yet known (penalties, min_tokens) or logprobs are asked for; never past max_tokens."""
+        yet known (penalties, min_tokens) or logprobs are asked for, or where the roofline says it
+        does not pay at this batch size and this sequence's acceptance; never past max_tokens."""
         p = seq.params
         if p.needs_penalties or p.logprobs is not None or seq.num_output_tokens < p.min_tokens:
+            return 0
+        if not self.spec_policy.pays(self._spec_batch, self.spec_policy.acceptance(seq)):
             return 0
         room = min(p.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
         return max(0, min(self.config.num_speculative_tokens, room))
@@ -248,9 +252,8 @@ class LLMEngine:
     # ---- the step loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self.spec_policy is not None:
-            batch = max(len(self.scheduler.running), 1)
-            pays = self.spec_policy.pays(batch, self.spec_policy.acceptance(self.spec_stats))
-            self.scheduler.lookahead = self._lookahead if pays else _no_lookahead
+            self._spec_batch = max(len(self.scheduler.running), 1)
+            self.scheduler.lookahead = self._lookahead
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self.runner.apply_copies(plan.copies)
@@ -331,6 +334,8 @@ class LLMEngine:
                 self.spec_stats.drafts += 1
                 self.spec_stats.draft_tokens += n - 1
                 self.spec_stats.accepted_tokens += len(tokens) - 1
+                seq.num_spec_draft_tokens += n - 1
+                seq.num_spec_accepted_tokens += len(tokens) - 1
                 result[seq] = (tokens, [None] * len(tokens))
         return [(w.seq, *result[w.seq]) for w in works if w.seq in result]
 
@@ -362,10 +367,6 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished,
                              min(s.num_cached_tokens for s in req.seqs), m, step_time=now)
-
-
-def _no_lookahead(seq: Sequence) -> int:
-    return 0
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:

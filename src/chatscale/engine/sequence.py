@@ -49,6 +49,8 @@ class Sequence:
     num_registered_blocks: int = 0  # leading pages already named in the prefix cache
     num_preemptions: int = 0
     num_draft_computed_tokens: int = 0  # speculative decoding: tokens with KV in the draft model's pages
+    num_spec_draft_tokens: int = 0  # tokens proposed for this sequence, and how many the target kept
+    num_spec_accepted_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

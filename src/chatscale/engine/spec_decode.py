@@ -152,12 +152,14 @@ class SpecPolicy:
     in tokens (peak FLOP/s x bytes per weight / (2 x memory bandwidth)): below T tokens a step is
     memory-bound. A speculative step verifies B(k+1) tokens and runs k draft steps (r = draft
     bytes / target bytes each), and yields B x E tokens, E = (1 - a^(k+1)) / (1 - a) at acceptance
-    rate a. Speculate while its cost per token is lower; a large batch makes the verify pass
-    compute-bound and speculation off.
+    rate a. Speculate while its cost per token is lower by a margin (the roofline ignores the
+    per-token work around the matmuls: sampling, verification, k+1 queries of attention); a large
+    batch makes the verify pass compute-bound and speculation off.
     """
 
-    PRIOR_ACCEPTANCE = 0.7  # until enough proposals were checked to measure it
-    MIN_SAMPLES = 64
+    PRIOR_ACCEPTANCE = 0.7  # a new sequence's expected acceptance, worth PRIOR_WEIGHT proposals
+    PRIOR_WEIGHT = 8
+    MARGIN = 1.1  # speculate only for an expected gain of 10% or more
 
     def __init__(self, num_tokens: int, ridge_tokens: float, draft_ratio: float,
                  max_batch: int | None = None) -> None:
@@ -166,8 +168,12 @@ class SpecPolicy:
         self.draft_ratio = draft_ratio
         self.max_batch = max_batch  # an operator's override of the roofline's answer
 
-    def acceptance(self, stats: SpecDecodeStats) -> float:
-        return stats.acceptance_rate if stats.draft_tokens >= self.MIN_SAMPLES else self.PRIOR_ACCEPTANCE
+    def acceptance(self, seq: Sequence) -> float:
+        """This sequence's acceptance so far, pulled towards the prior while it has few proposals:
+        each sequence finds out for itself (a summary copies its input, a chat answer does not), and
+        every new one starts hopeful, so a workload change is noticed."""
+        prior = self.PRIOR_ACCEPTANCE * self.PRIOR_WEIGHT
+        return (seq.num_spec_accepted_tokens + prior) / (seq.num_spec_draft_tokens + self.PRIOR_WEIGHT)
 
     def pays(self, batch: int, acceptance: float) -> bool:
         if self.max_batch is not None:
@@ -175,7 +181,7 @@ class SpecPolicy:
         plain = max(batch / self.ridge_tokens, 1.0) / batch
         cost = max(batch * (self.k + 1) / self.ridge_tokens, 1.0)
         cost += self.k * self.draft_ratio * max(batch / self.ridge_tokens, 1.0)
-        return cost / (batch * speculative_tokens_per_pass(acceptance, self.k)) < plain
+        return self.MARGIN * cost / (batch * speculative_tokens_per_pass(acceptance, self.k)) < plain
 
     def largest_batch(self, acceptance: float, limit: int = 4096) -> int:
         """The largest batch that still speculates (0: none), for logs and docs."""
