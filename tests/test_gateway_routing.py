@@ -1,0 +1,104 @@
+"""Routing and admission as pure objects, in made-up time (the simulator runs them the same way)."""
+
+from __future__ import annotations
+
+from chatscale.gateway.admission import Admission, SaturationLimits, Ticket, saturated
+from chatscale.gateway.routing import (AffinityWeights, CacheAffinity, LeastOutstanding, PrefixIndex, ReplicaState,
+                                       RouteRequest, block_hashes, make_policy, text_block_hashes)
+
+
+def fleet(n: int = 3, region: str = "eu") -> list[ReplicaState]:
+    return [ReplicaState(f"r{i}", region) for i in range(n)]
+
+
+def test_hash_chains_share_prefixes_and_are_stable():
+    a, b = block_hashes(list(range(40)), 16), block_hashes(list(range(32)) + [7] * 16, 16)
+    assert len(a) == 2 and a[:2] == b[:2] and len(b) == 3  # partial blocks are not hashed
+    assert block_hashes(list(range(40)), 16) == a  # blake2b: the same in every process
+    assert text_block_hashes("x" * 130, 64) == text_block_hashes("x" * 128 + "yz", 64)
+    assert block_hashes([1] * 16)[0] != block_hashes([2] * 16)[0]
+
+
+def test_prefix_index_matches_deepest_block_and_is_bounded():
+    idx = PrefixIndex(max_blocks=4)
+    idx.record([1, 2, 3], "a")
+    idx.record([1, 2], "b")
+    assert idx.matched([1, 2, 3, 9]) == {"a": 3, "b": 2}
+    idx.record([5, 6], "c")  # 5 blocks > 4: the least recently used (1) goes, and with it the chain
+    assert len(idx) == 4 and idx.matched([1, 2, 3]) == {}
+    idx.forget("c")
+    assert idx.matched([5, 6]) == {}
+
+
+def test_turn_two_follows_turn_one_and_region_with_headroom_wins():
+    replicas = fleet(3) + [ReplicaState("far", "us", kv_usage=0.95)]
+    policy = make_policy("cache-affinity")
+    turn1 = RouteRequest(chain=[11, 12])
+    first = policy.choose(turn1, replicas, now=0.0)
+    assert first.replica.region == "eu"
+    policy.sent(turn1, first.replica)
+    for r in replicas:  # others become a little less loaded: affinity still wins
+        r.num_running = 0 if r is not first.replica else 1
+    second = policy.choose(RouteRequest(chain=[11, 12, 13]), replicas, now=1.0)
+    assert second.replica is first.replica and second.terms["prefix"] == 2 / 3
+
+
+def test_affinity_yields_to_a_hot_spot():
+    replicas = fleet(3)
+    policy = CacheAffinity(weights=AffinityWeights(hotspot_margin=0.5, hotspot_slack=2))
+    policy.sent(RouteRequest(chain=[1]), replicas[0])
+    replicas[0].num_running = 9  # mean 3: 9 > 4.5 and 6 above it
+    assert policy.choose(RouteRequest(chain=[1]), replicas, 0.0).replica is not replicas[0]
+    replicas[0].num_running = 2  # mean 2/3: 2 > 1 but only 4/3 above it: affinity holds
+    assert policy.choose(RouteRequest(chain=[1]), replicas, 0.0).replica is replicas[0]
+
+
+def test_inflight_correction_and_cooldown():
+    replicas = fleet(2)
+    lo = LeastOutstanding()
+    replicas[0].inflight = 3  # sent since the scrape, which saw both idle
+    assert lo.choose(RouteRequest(), replicas, 0.0).replica is replicas[1]
+    replicas[1].scraped(0.1, running=5, waiting=0)
+    assert replicas[1].outstanding == 5 and replicas[0].outstanding == 3
+    replicas[0].cooldown_until = 10.0
+    assert lo.choose(RouteRequest(), replicas, 5.0).replica is replicas[1]
+    assert make_policy("round-robin").choose(RouteRequest(), [replicas[0]], 5.0) is None
+
+
+def test_saturation_from_kv_and_queue():
+    limits = SaturationLimits(kv_usage=0.9, outstanding=4)
+    replicas = fleet(2)
+    assert not saturated(replicas, 0.0, limits)
+    replicas[0].kv_usage, replicas[1].num_waiting = 0.95, 4
+    assert saturated(replicas, 0.0, limits)
+
+
+def test_admission_bands_fair_share_and_bounds():
+    adm = Admission(bands=2, max_queue=50, max_wait=5.0)
+    assert adm.arrive(Ticket("a", 1, 10, 0.0), False, 0.0).action == "admit"
+    for i in range(20):  # a heavy key queues 20, a light one 5 later, in the same band
+        assert adm.arrive(Ticket("heavy", 1, 10, 0.0), True, 0.0).action == "queue"
+    for i in range(5):
+        adm.arrive(Ticket("light", 1, 10, 0.1), True, 0.1)
+    adm.arrive(Ticket("vip", 0, 10, 0.2), True, 0.2)
+    order = [adm.next(1.0 + i / 10).key for i in range(11)]
+    assert order[0] == "vip"  # strict priority
+    assert order[1:].count("light") == 5 and order[1:].count("heavy") == 5  # alternating shares
+    late = adm.expired(10.0)
+    assert len(late) == 15 and adm.queued == 0
+    adm.max_queue = 1
+    adm.arrive(Ticket("x", 1, 1, 11.0), True, 11.0)
+    d = adm.arrive(Ticket("y", 1, 1, 11.0), True, 11.0)
+    assert d.action == "reject" and d.reason == "queue_full" and d.retry_after >= 1
+
+
+def test_token_weighted_share_and_idle_keys_bank_no_credit():
+    adm = Admission(bands=1)
+    for _ in range(10):
+        adm.arrive(Ticket("big", 0, 100, 0.0), True, 0.0)
+        adm.arrive(Ticket("small", 0, 10, 0.0), True, 0.0)
+    served = [adm.next(1.0).key for _ in range(11)]
+    assert served.count("small") == 10  # equal tokens, not equal requests
+    adm.counters["idle"] = 0.0  # long idle; on its return it starts level with the active keys
+    adm.arrive(Ticket("idle", 0, 10, 2.0), True, 2.0)
+    assert adm.counters["idle"] >= min(adm.counters[k] for k in ("big",))
