@@ -96,13 +96,13 @@ class Metrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started generating.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.time_to_first_token = histogram(
-            "time_to_first_token_seconds", "Arrival at the engine to first token, one per request.", SECONDS)
+            "time_to_first_token_seconds", "Arrival at the server to first token, one per request.", SECONDS)
         self.inter_token_latency = histogram(
             "inter_token_latency_seconds", "Gap between a request's outputs per token they carry.", SECONDS)
         self.e2e_request_latency = histogram(
-            "e2e_request_latency_seconds", "Arrival at the engine to last token, finished requests.", SECONDS)
+            "e2e_request_latency_seconds", "Arrival at the server to last token, finished requests.", SECONDS)
         self.request_queue_time = histogram(
-            "request_queue_time_seconds", "Arrival at the engine to first scheduled, one per request.", SECONDS)
+            "request_queue_time_seconds", "Arrival at the server to first scheduled, one per request.", SECONDS)
         # ---- steps: observed on the engine thread after every step
         self.iteration_tokens = histogram("iteration_tokens_total", "Tokens computed per step.", POWERS_OF_TWO)
         self.step_sequences = histogram("step_sequences", "Sequences per step (the batch size).", POWERS_OF_TWO)
@@ -188,23 +188,21 @@ class Metrics:
             self.mfu.set(flops / busy / self.peaks.flops(self._dtype) if busy else 0.0)
             self.mbu.set(moved / busy / self.peaks.memory_bandwidth if busy else 0.0)
 
-    def observe_output(self, out: RequestOutput, previous: float | None) -> float:
-        """Count one engine output; `previous` is the step time of this request's last output (None
-        for its first). Returns this output's, to pass as `previous` next time."""
+    def observe_output(self, out: RequestOutput, previous: float | None, arrival: float) -> float:
+        """Count one engine output of a request the server took at `arrival` (time.monotonic());
+        `previous` is the step time of its last output (None for its first). Returns this output's
+        step time, to pass as `previous` next time."""
         now = out.step_time
         per_choice = max((len(o.delta_token_ids) for o in out.outputs), default=0)
         self.generation_tokens.inc(sum(len(o.delta_token_ids) for o in out.outputs))
-        m = out.metrics
         if previous is None:
             self.prompt_tokens.inc(len(out.prompt_token_ids))
-            if m is not None and m.first_token_time is not None:
-                self.time_to_first_token.observe(m.first_token_time - m.arrival_time)
-            if m is not None and m.first_scheduled_time is not None:
-                self.request_queue_time.observe(m.first_scheduled_time - m.arrival_time)
+            self.time_to_first_token.observe(now - arrival)  # a first output carries the first token
+            self.request_queue_time.observe(out.metrics.first_scheduled_time - arrival)
         elif per_choice:
             self.inter_token_latency.observe((now - previous) / per_choice)
-        if out.finished and m is not None and m.finished_time is not None:
-            self.e2e_request_latency.observe(m.finished_time - m.arrival_time)
+        if out.finished:
+            self.e2e_request_latency.observe(now - arrival)
         return now
 
     def render(self) -> bytes:

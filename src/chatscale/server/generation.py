@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from chatscale.engine.async_engine import AsyncEngine
@@ -31,6 +31,9 @@ class Generation:
     prompts: list[list[int]]
     params: list[SamplingParams]  # one copy per prompt: the engine fills max_tokens in place
     cache_salt: str | None = None
+    # time.monotonic() when the server took the request: TTFT and latency count from here, so the
+    # time before the engine thread picks a request up is not hidden from them.
+    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def n(self) -> int:
@@ -48,6 +51,7 @@ class Generation:
 def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list[int]],
             overrides: dict[str, Any], prompt_param: str, cache_salt: str | None = None) -> Generation:
     """Raise an OpenAI 400 for anything the engine would refuse; `kind` prefixes the id."""
+    arrival = time.monotonic()
     core = engine.engine
     params = core.default_sampling_params(**overrides)
     vocab = core.vocab_size
@@ -62,7 +66,7 @@ def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list
             core.check_request(prompt_ids, p)
         except ContextLengthError as exc:
             raise APIError(400, str(exc), param=prompt_param, code=exc.code) from exc
-    return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt, cache_salt)
+    return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt, cache_salt, arrival)
 
 
 async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -73,7 +77,7 @@ async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> Asy
     last_output: dict[int, float] = {}  # per prompt: its previous output's step time (inter-token latency)
     async with aclosing(merge(streams)) as merged:
         async for i, out in merged:
-            last_output[i] = metrics.observe_output(out, last_output.get(i))
+            last_output[i] = metrics.observe_output(out, last_output.get(i), gen.arrival)
             yield i, out
 
 
