@@ -112,12 +112,14 @@ class Metrics:
         self.step_bytes = counter("step_bytes", "Bytes all steps moved (weights read, KV read and written).")
         self.step_seconds = counter("step_seconds", "Seconds spent in steps (busy time).")
         self.moe_tokens_per_expert = histogram(
-            "moe_tokens_per_expert", "Tokens routed to an expert: one per expert, MoE layer and step.", (0.0, *POWERS_OF_TWO))
+            "moe_tokens_per_expert", "Tokens routed to an expert: one per expert, MoE layer and step.",
+            (0.0, *POWERS_OF_TWO))
         self.moe_experts_touched = histogram(
             "moe_experts_touched", "Experts reached by at least one token: one per MoE layer and step.",
             POWERS_OF_TWO)
         # ---- efficiency against the device's peaks (WINDOW_S of steps)
-        self.arithmetic_intensity = gauge("arithmetic_intensity", "FLOPs per byte moved over the last 10 s of steps.")
+        self.arithmetic_intensity = gauge("arithmetic_intensity",
+                                          "FLOPs per byte moved over the last 10 s of steps (NaN: no step).")
         self.mfu = gauge("mfu", "Model FLOPs utilisation while stepping: FLOP/s over the last 10 s / peak.")
         self.mbu = gauge("mbu", "Memory bandwidth utilisation while stepping: bytes/s over the last 10 s / peak.")
         self.peak_flops = gauge("peak_flops", "The device's peak FLOP/s at the serving dtype.")
@@ -156,6 +158,7 @@ class Metrics:
             self.moe_experts_touched.observe(sum(1 for n in layer if n))
         with self._lock:
             self._recent.append((time.monotonic(), work.flops, work.bytes, step.duration_s))
+            self._forget_old_steps()
 
     def observe_engine(self, engine: LLMEngine) -> None:
         running, waiting, slots = engine.num_running, engine.num_waiting, engine.scheduler.max_num_seqs
@@ -175,18 +178,20 @@ class Metrics:
             self.spec_decode_mean_acceptance_length.set(spec.mean_acceptance_length)
         self._observe_window()
 
+    def _forget_old_steps(self) -> None:
+        horizon = time.monotonic() - WINDOW_S
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+
     def _observe_window(self) -> None:
         with self._lock:
-            horizon = time.monotonic() - WINDOW_S
-            while self._recent and self._recent[0][0] < horizon:
-                self._recent.popleft()
+            self._forget_old_steps()
             flops = sum(r[1] for r in self._recent)
             moved = sum(r[2] for r in self._recent)
             busy = sum(r[3] for r in self._recent)
         self.arithmetic_intensity.set(flops / moved if moved else math.nan)
-        if self.peaks is not None:
-            self.mfu.set(flops / busy / self.peaks.flops(self._dtype) if busy else 0.0)
-            self.mbu.set(moved / busy / self.peaks.memory_bandwidth if busy else 0.0)
+        self.mfu.set(flops / busy / self.peaks.flops(self._dtype) if busy else 0.0)
+        self.mbu.set(moved / busy / self.peaks.memory_bandwidth if busy else 0.0)
 
     def observe_output(self, out: RequestOutput, previous: float | None, arrival: float) -> float:
         """Count one engine output of a request the server took at `arrival` (time.monotonic());
