@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,10 +95,11 @@ class RequestLevelFleet:
         log = RequestLog.empty(n)
         log.arrival[:] = w.arrival
         log.prompt[:] = w.prompt
-        arrival, prompt, output = w.arrival.tolist(), w.prompt.tolist(), w.output.tolist()
-        conv, prefix, uregion = w.conv.tolist(), w.prefix.tolist(), w.region.tolist()
-        first_token, finish, cached_col, replica_col = ([float("nan")] * n, [float("nan")] * n, [0] * n, [-1] * n)
-        rejected = [False] * n
+        # array.array columns: list-speed indexing at 8 bytes a value (ten million requests fit)
+        arrival, prompt, output = _column("d", w.arrival), _column("q", w.prompt), _column("q", w.output)
+        conv, prefix, uregion = _column("q", w.conv), _column("q", w.prefix), _column("q", w.region)
+        first_token, finish = array("d", [math.nan]) * n, array("d", [math.nan]) * n
+        cached_col, replica_col, rejected = array("q", [0]) * n, array("q", [-1]) * n, array("b", [0]) * n
 
         queue = [deque() for _ in views]
         running = [set() for _ in views]
@@ -109,9 +112,8 @@ class RequestLevelFleet:
         heap: list = []
         decode, pre_rate, cap, max_seqs, block = cv.decode, cv.prefill_per_token, cv.capacity_tokens, cv.max_seqs, cv.block_size
         exp = math.exp
-        rng = np.random.default_rng(self.seed)
+        draw = random.Random(self.seed).random
         k = self.candidates
-        draws = rng.random(n * max(1, k)).tolist() if k else None
         result = RequestLevelResult(log, Timeline())
 
         def start(r: int, i: int, t: float) -> None:
@@ -188,24 +190,24 @@ class RequestLevelFleet:
                 if not pool:
                     continue
                 if k and len(pool) > k:
-                    base = i * k
-                    offered = [pool[int(draws[base + j] * len(pool))] for j in range(k)]
+                    size = len(pool)
+                    offered = [pool[int(draw() * size)] for _ in range(k)]
                 else:
                     offered = pool
                 chosen = self.pick(i, offered)
                 if chosen.queued <= self.spill_queue:
                     break
             if chosen is None:
-                rejected[i] = True
+                rejected[i] = 1
                 return
             if region != order[u][0]:
                 result.spilled += 1
             if self.admit is not None and not self.admit(i, chosen, t):
-                rejected[i] = True
+                rejected[i] = 1
                 return
             r = chosen.replica
             if prompt[i] + output[i] > cap:
-                rejected[i] = True  # can never fit, as LLMEngine.check_request says
+                rejected[i] = 1  # can never fit, as LLMEngine.check_request says
             elif (chosen.running < max_seqs and not queue[r]
                     and chosen.kv_tokens + prompt[i] + output[i] // 2 <= cap):
                 start(r, i, t)
@@ -255,14 +257,20 @@ class RequestLevelFleet:
             done, j, r = heapq.heappop(heap)
             complete(done, j, r)
         bar.close()
-        log.first_token[:] = first_token
-        log.finish[:] = finish
-        log.cached[:] = cached_col
-        log.replica[:] = replica_col
-        log.rejected[:] = rejected
+        log.first_token[:] = np.frombuffer(first_token, np.float64)
+        log.finish[:] = np.frombuffer(finish, np.float64)
+        log.cached[:] = np.frombuffer(cached_col, np.int64)
+        log.replica[:] = np.frombuffer(replica_col, np.int64)
+        log.rejected[:] = np.frombuffer(rejected, np.int8).astype(bool)
         log.output[:] = w.output
         return result
 
     def _sample(self, timeline: Timeline, t: float) -> None:
         vs = self.views
         timeline.add(t, [v.kv_usage for v in vs], [v.running for v in vs], [v.queued for v in vs])
+
+
+def _column(typecode: str, values: np.ndarray) -> array:
+    out = array(typecode)
+    out.frombytes(values.astype(np.float64 if typecode == "d" else np.int64).tobytes())
+    return out

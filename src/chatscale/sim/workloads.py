@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from chatscale.bench.workloads import MOONCAKE_BLOCK_TOKENS as MOONCAKE_BLOCK
+from chatscale.bench.workloads import load_trace
+
 TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "traces"
-MOONCAKE_BLOCK = 512  # tokens per Mooncake hash id
 
 # Regions with the UTC offset their users live in; the weights are each region's share of peak load.
 DEFAULT_REGIONS: dict[str, tuple[float, float]] = {
@@ -99,10 +100,9 @@ def _columns(arrival, prompt, output, conv=None, prefix=None, region=None, **kw)
 
 def azure(kind: str = "conv", path: Path | None = None) -> Workload:
     """Azure LLM inference trace 2023 (`code` or `conv`): arrivals and token counts, no prefixes."""
-    path = path or TRACES / f"azure_llm_2023_{kind}.csv"
-    rows = [line.rstrip("\n").split(",") for line in path.open().readlines()[1:]]
-    t = np.array([datetime.fromisoformat(r[0][:26]).timestamp() for r in rows])
-    return _columns(t, [int(r[1]) for r in rows], [int(r[2]) for r in rows], name=f"azure-{kind}")
+    rows = load_trace(path or TRACES / f"azure_llm_2023_{kind}.csv")
+    return _columns([r.timestamp for r in rows], [r.input_tokens for r in rows], [r.output_tokens for r in rows],
+                    name=f"azure-{kind}")
 
 
 def mooncake(path: Path | None = None) -> Workload:
@@ -111,20 +111,20 @@ def mooncake(path: Path | None = None) -> Workload:
     Requests sharing a first block form one prefix family (`conv`); `prefix` counts the blocks a
     request shares with the longest earlier request of the trace (what an unbounded cache would hit).
     """
-    rows = [json.loads(line) for line in (path or TRACES / "mooncake_conversation.jsonl").open()]
+    rows = load_trace(path or TRACES / "mooncake_conversation.jsonl")
     seen: set[int] = set()
     prefix = []
     for r in rows:
         shared = 0
-        for h in r["hash_ids"]:
+        for h in r.hash_ids:
             if h not in seen:
                 break
             shared += 1
-        seen.update(r["hash_ids"])
-        prefix.append(min(shared * MOONCAKE_BLOCK, r["input_length"] - 1))
-    return _columns([r["timestamp"] / 1000 for r in rows], [r["input_length"] for r in rows],
-                    [r["output_length"] for r in rows], conv=[r["hash_ids"][0] for r in rows],
-                    prefix=prefix, hash_ids=[r["hash_ids"] for r in rows], name="mooncake")
+        seen.update(r.hash_ids)
+        prefix.append(min(shared * MOONCAKE_BLOCK, r.input_tokens - 1))
+    return _columns([r.timestamp for r in rows], [r.input_tokens for r in rows], [r.output_tokens for r in rows],
+                    conv=[r.hash_ids[0] for r in rows], prefix=prefix, hash_ids=[list(r.hash_ids) for r in rows],
+                    name="mooncake")
 
 
 def gateway_log(path: Path) -> Workload:

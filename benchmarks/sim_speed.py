@@ -1,0 +1,77 @@
+"""Simulator speed: one simulated hour of a five-region fleet at request level, and the step level's
+simulated requests per second.
+
+Request level: a synthetic multi-region day from 23:00 UTC (Japan's morning spike) at >= 3,000
+requests/s, >= 1,000 replicas (Llama-3-8B on H100s, roofline cost), cache-affinity routing over 8
+sampled replicas per request. Step level: the same kind of traffic on a few replicas for a short
+stretch, every replica stepping the real scheduler.
+
+    flock /tmp/chatscale-bench.lock .venv/bin/python benchmarks/sim_speed.py --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+from common import save_json
+
+from chatscale.sim import workloads as W
+from chatscale.sim.cost import RooflineStepCost
+from chatscale.sim.curves import ReplicaCurves
+from chatscale.sim.fleet import StepLevelFleet
+from chatscale.sim.pickers import make_picker
+from chatscale.sim.request_level import RequestLevelFleet
+from chatscale.sim.sizing import proportional
+from chatscale.sim.twin import TwinConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3600)
+    ap.add_argument("--rate", type=float, default=6000, help="conversation-day rate at full load (see workloads)")
+    ap.add_argument("--replicas", type=int, default=1000)
+    ap.add_argument("--step-replicas", type=int, default=8)
+    ap.add_argument("--step-seconds", type=float, default=60)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    cost = RooflineStepCost.named("llama-3-8b", "h100")
+    config = TwinConfig(num_blocks=cost.kv_blocks(16), max_num_seqs=256)
+    t0 = time.time()
+    w = W.conversations(args.rate, args.seconds, start_hour_utc=23, spike={"ap-japan": 1.5})
+    gen_s = time.time() - t0
+    topo = proportional(w, args.replicas)
+    curves = ReplicaCurves.from_cost(cost, config.num_blocks * config.block_size, config.max_num_seqs)
+    t1 = time.time()
+    res = RequestLevelFleet(topo, curves, make_picker("affinity", w.conv.tolist()), candidates=8).run(
+        w, show_progress=True)
+    sim_s = time.time() - t1
+    summary = res.log.summary()
+    out = {"request_level": {"requests": len(w), "simulated_s": args.seconds, "mean_rate": len(w) / args.seconds,
+                             "replicas": topo.size, "regions": topo.replicas, "workload_s": gen_s,
+                             "simulate_s": sim_s, "total_s": time.time() - t0,
+                             "simulated_requests_per_s": len(w) / sim_s,
+                             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                             "summary": summary}}
+    print({k: v for k, v in out["request_level"].items() if k != "summary"})
+
+    # The same traffic per replica: the day's rate scaled to the step-level fleet, past its first four
+    # minutes (while conversations build up to their later turns).
+    scale = args.step_replicas / topo.size
+    small = W.conversations(args.rate * scale, args.step_seconds + 240, start_hour_utc=23,
+                            spike={"ap-japan": 1.5}, seed=1).window(240, args.step_seconds)
+    t2 = time.time()
+    step = StepLevelFleet(proportional(small, args.step_replicas), cost, config,
+                          make_picker("affinity", small.conv.tolist())).run(small, show_progress=True)
+    step_s = time.time() - t2
+    out["step_level"] = {"requests": len(small), "replicas": args.step_replicas, "simulated_s": args.step_seconds,
+                         "steps": step.steps, "wall_s": step_s, "simulated_requests_per_s": len(small) / step_s,
+                         "simulated_steps_per_s": step.steps / step_s}
+    print(out["step_level"])
+    save_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
