@@ -52,7 +52,7 @@ def step_work(model: Model, dtype: str, chunks: Sequence[tuple[int, int]],
     lookup_table = 0 if model.tied_embeddings else model.vocab * model.d_model
     params = model.shared_params - lookup_table + tokens * model.d_model
     if model.is_moe and expert_tokens:
-        per_layer_expert = model.expert_params / len(expert_tokens)
+        per_layer_expert = model.expert_params / model.layers  # the planner's view: every layer sparse
         params += per_layer_expert * sum(1 for layer in expert_tokens for n in layer if n)
     else:
         params += model.experts * model.expert_params

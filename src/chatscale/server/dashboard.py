@@ -8,6 +8,7 @@ polls /dashboard/data?since=T for the rows after T.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from fastapi.responses import FileResponse
 from chatscale.scrape import LoadRow, LoadWindow, Scrape
 from chatscale.server.state import ServerState
 
+log = logging.getLogger("chatscale.server")
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"
 INTERVAL_S = 1.0
@@ -41,7 +43,10 @@ class History:
         next_at = loop.time()
         while True:
             if state.engine is not None:
-                self.sample(state)
+                try:
+                    self.sample(state)
+                except Exception:  # a broken sample must not stop the next ones
+                    log.exception("dashboard sample failed")
             next_at += INTERVAL_S
             await asyncio.sleep(max(0.0, next_at - loop.time()))
 
