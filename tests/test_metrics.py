@@ -135,6 +135,14 @@ def test_kv_usage_is_live_pages_over_all_and_cached_pages_are_split_out(checkpoi
     assert m["kv_cache_usage_perc"] == 0 and m["kv_cache_cached_perc"] == 3 / 64
     assert m["load"] == 0
     assert m["prefix_cache_queries_total"] == 70 and m["prefix_cache_hits_total"] == 0
+    # The first prompt again: its two cached pages are reused (now live), its last 8 tokens computed.
+    core.add_request(list(range(10, 50)), greedy(1))
+    core.step()
+    metrics.observe_engine(core)
+    m = values(metrics)
+    assert m["prefix_cache_queries_total"] == 110 and m["prefix_cache_hits_total"] == 2 * PAGE
+    assert m["kv_cache_usage_perc"] == 0 and m["kv_cache_cached_perc"] == 3 / 64  # finished in one step
+    assert m["iteration_tokens_total_sum"] == 40 + 20 + 10 + 3 * 2 + 8
 
 
 def test_preemptions_and_speculative_decoding_totals_are_the_engines(checkpoint):
