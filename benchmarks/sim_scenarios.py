@@ -27,7 +27,7 @@ from chatscale.sim import workloads as W
 from chatscale.sim.cost import RooflineStepCost
 from chatscale.sim.curves import ReplicaCurves
 from chatscale.sim.fleet import StepLevelFleet
-from chatscale.sim.pickers import make_picker
+from chatscale.sim.gateway_sim import AdmissionSettings, SimGateway, sim_policy
 from chatscale.sim.replay import simulate_replica
 from chatscale.sim.request_level import RequestLevelFleet
 from chatscale.sim.results import RequestLog, Slo
@@ -47,8 +47,14 @@ def curves(config: TwinConfig = CONFIG) -> ReplicaCurves:
     return ReplicaCurves.from_cost(COST, config.num_blocks * config.block_size, config.max_num_seqs)
 
 
-def request_level(w: W.Workload, topo: Topology, policy: str = "affinity", config: TwinConfig = CONFIG, **kw):
-    return RequestLevelFleet(topo, curves(config), make_picker(policy, w.conv.tolist()), **kw).run(w)
+def gateway(w: W.Workload, topo: Topology, policy: str = "cache-affinity", candidates: int = 8,
+            admission: AdmissionSettings | None = None) -> SimGateway:
+    return SimGateway(topo, sim_policy(policy, topo, BLOCKS * 16), w.regions, admission, candidates)
+
+
+def request_level(w: W.Workload, topo: Topology, policy: str = "cache-affinity", config: TwinConfig = CONFIG,
+                  **kw):
+    return RequestLevelFleet(topo, curves(config), gateway(w, topo, policy, **kw)).run(w)
 
 
 def figures(s: dict) -> dict:
@@ -64,7 +70,7 @@ def validation() -> dict:
         topo = Topology.even(w.regions, 4)
         fast = request_level(w, topo).log
         t = time.time()
-        step = StepLevelFleet(topo, COST, CONFIG, make_picker("affinity", w.conv.tolist())).run(w)
+        step = StepLevelFleet(topo, COST, CONFIG, gateway(w, topo)).run(w)
         step_wall = time.time() - t
         out[f"{rate}/s"] = {"requests": len(w), "request_level": figures(fast.summary(SLO)),
                             "step_level": figures(step.log.summary(SLO)), "step_level_wall_s": step_wall,
@@ -144,14 +150,15 @@ def batch_size() -> dict:
 
 
 def japan_spike(replicas: int, rate: float) -> dict:
-    """22:30-00:30 UTC (7:30-9:30 am in Japan), a fixed fleet placed by the first half hour's
-    traffic: no admission control vs a queue limit per replica (429 + Retry-After beyond it); then
-    the size that meets the SLO for 99% of requests."""
-    w = W.conversations(rate, 2 * 3600, start_hour_utc=22.5, spike={"ap-japan": 1.5}, seed=7)
-    topo = proportional(w.window(0, 1800), replicas)
+    """22:45-00:15 UTC (7:45-9:15 am in Japan), a fixed fleet placed by the first twenty minutes'
+    traffic: the gateway without and with admission control (queue above saturation, 429 +
+    Retry-After when the queue is full or a request waited 30 s); then the size that meets the SLO
+    for 99% of requests."""
+    w = W.conversations(rate, 1.5 * 3600, start_hour_utc=22.75, spike={"ap-japan": 1.5}, seed=7)
+    topo = proportional(w.window(0, 1200), replicas)
     japan = w.region == w.regions.index("ap-japan")
-    runs = {"no admission control": request_level(w, topo, candidates=8),
-            "queue limit 4": request_level(w, topo, candidates=8, admit=lambda i, v, now: v.queued < 4)}
+    runs = {"no admission control": request_level(w, topo),
+            "admission control": request_level(w, topo, admission=AdmissionSettings())}
     out = {"requests": len(w), "topology": topo.replicas, "runs": {}}
     plt = plots._pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
@@ -171,7 +178,7 @@ def japan_spike(replicas: int, rate: float) -> dict:
     axes[0].set_ylabel("ap-japan TTFT p90 (s)")
     axes[1].set_ylabel("ap-japan rejected")
     axes[2].set_ylabel("ap-japan requests/s")
-    axes[2].set_xlabel("hours after 22:30 UTC")
+    axes[2].set_xlabel("hours after 22:45 UTC")
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -180,7 +187,7 @@ def japan_spike(replicas: int, rate: float) -> dict:
     plt.close(fig)
     plots.timeline(runs["no admission control"].timeline, IMG / "sim_japan_timeline.png",
                    "fixed fleet through the Japan spike, no admission control")
-    found = size_fleet(w, lambda t: request_level(w, t, candidates=8).log, SLO, target=0.99, start=replicas)
+    found = size_fleet(w, lambda t: request_level(w, t).log, SLO, target=0.99, start=replicas)
     out["sizing"] = {"replicas": found.replicas, "tried": found.tried}
     return out
 
@@ -199,9 +206,9 @@ def routing(replicas: int, rate: float, seconds: float) -> dict:
     w = W.conversations(rate, seconds, start_hour_utc=23, spike={"ap-japan": 1.5}, seed=11)
     topo = proportional(w, replicas)
     out, logs = {"requests": len(w), "replicas": topo.size}, {}
-    for policy in ("affinity", "round-robin", "least-outstanding", "random"):
+    for policy in ("cache-affinity", "round-robin", "least-outstanding", "random"):
         t = time.time()
-        res = request_level(w, topo, policy, candidates=8)
+        res = request_level(w, topo, policy)
         s = res.log.summary(SLO)
         prefill = int((res.log.prompt - res.log.cached).sum())
         out[policy] = {**figures(s), "prefill_tokens": prefill, "wall_s": time.time() - t}
@@ -217,8 +224,8 @@ def main() -> None:
     args = ap.parse_args()
     IMG.mkdir(parents=True, exist_ok=True)
     parts = {0: ("validation", validation), 1: ("kv_budget", kv_budget), 2: ("batch_size", batch_size),
-             3: ("japan_spike", lambda: japan_spike(16, 600)),
-             4: ("routing", lambda: routing(500, 26000, 300))}
+             3: ("japan_spike", lambda: japan_spike(10, 500)),
+             4: ("routing", lambda: routing(300, 15000, 180))}
     out = {}
     for k, (name, fn) in parts.items():
         if args.only is None or k in args.only:

@@ -2,8 +2,8 @@
 simulated requests per second.
 
 Request level: a synthetic multi-region day from 23:00 UTC (Japan's morning spike) at >= 3,000
-requests/s, >= 1,000 replicas (Llama-3-8B on H100s, roofline cost), cache-affinity routing over 8
-sampled replicas per request. Step level: the same kind of traffic on a few replicas for a short
+requests/s, >= 1,000 replicas (Llama-3-8B on H100s, roofline cost), the gateway's CacheAffinity
+policy offered the prefix holders and 2 sampled replicas per request (power of two choices). Step level: the same kind of traffic on a few replicas for a short
 stretch, every replica stepping the real scheduler.
 
     flock /tmp/chatscale-bench.lock .venv/bin/python benchmarks/sim_speed.py --json speed.json
@@ -21,7 +21,7 @@ from chatscale.sim import workloads as W
 from chatscale.sim.cost import RooflineStepCost
 from chatscale.sim.curves import ReplicaCurves
 from chatscale.sim.fleet import StepLevelFleet
-from chatscale.sim.pickers import make_picker
+from chatscale.sim.gateway_sim import SimGateway, sim_policy
 from chatscale.sim.request_level import RequestLevelFleet
 from chatscale.sim.sizing import proportional
 from chatscale.sim.twin import TwinConfig
@@ -30,7 +30,8 @@ from chatscale.sim.twin import TwinConfig
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3600)
-    ap.add_argument("--rate", type=float, default=6000, help="conversation-day rate at full load (see workloads)")
+    ap.add_argument("--rate", type=float, default=4800, help="conversation-day rate at full load (see workloads)")
+    ap.add_argument("--candidates", type=int, default=2, help="sampled replicas offered besides the prefix holders")
     ap.add_argument("--replicas", type=int, default=1000)
     ap.add_argument("--step-replicas", type=int, default=8)
     ap.add_argument("--step-seconds", type=float, default=60)
@@ -45,8 +46,9 @@ def main() -> None:
     topo = proportional(w, args.replicas)
     curves = ReplicaCurves.from_cost(cost, config.num_blocks * config.block_size, config.max_num_seqs)
     t1 = time.time()
-    res = RequestLevelFleet(topo, curves, make_picker("affinity", w.conv.tolist()), candidates=8).run(
-        w, show_progress=True)
+    gateway = SimGateway(topo, sim_policy("cache-affinity", topo, curves.capacity_tokens), w.regions,
+                         candidates=args.candidates)
+    res = RequestLevelFleet(topo, curves, gateway).run(w, show_progress=True)
     sim_s = time.time() - t1
     summary = res.log.summary()
     out = {"request_level": {"requests": len(w), "simulated_s": args.seconds, "mean_rate": len(w) / args.seconds,
@@ -63,8 +65,9 @@ def main() -> None:
     small = W.conversations(args.rate * scale, args.step_seconds + 240, start_hour_utc=23,
                             spike={"ap-japan": 1.5}, seed=1).window(240, args.step_seconds)
     t2 = time.time()
-    step = StepLevelFleet(proportional(small, args.step_replicas), cost, config,
-                          make_picker("affinity", small.conv.tolist())).run(small, show_progress=True)
+    small_topo = proportional(small, args.step_replicas)
+    gateway = SimGateway(small_topo, sim_policy("cache-affinity", small_topo, curves.capacity_tokens), small.regions)
+    step = StepLevelFleet(small_topo, cost, config, gateway).run(small, show_progress=True)
     step_s = time.time() - t2
     out["step_level"] = {"requests": len(small), "replicas": args.step_replicas, "simulated_s": args.step_seconds,
                          "steps": step.steps, "wall_s": step_s, "simulated_requests_per_s": len(small) / step_s,

@@ -10,7 +10,7 @@ from chatscale.sim import workloads as W
 from chatscale.sim.cost import RooflineStepCost
 from chatscale.sim.curves import ReplicaCurves
 from chatscale.sim.fleet import StepLevelFleet
-from chatscale.sim.pickers import make_picker
+from chatscale.sim.gateway_sim import AdmissionSettings, SimGateway, sim_policy
 from chatscale.sim.request_level import RequestLevelFleet
 from chatscale.sim.results import Slo
 from chatscale.sim.sizing import proportional, size_fleet
@@ -28,16 +28,20 @@ def chat(rate: float, seconds: float = 120, regions=None, seed: int = 0) -> W.Wo
                            users=USERS, seed=seed)
 
 
-def request_level(w, replicas, policy="affinity", curves=CURVES, **kw):
+def gateway(w, topo, policy="cache-affinity", candidates=8, admission=None, curves=CURVES):
+    return SimGateway(topo, sim_policy(policy, topo, curves.capacity_tokens), w.regions, admission, candidates)
+
+
+def request_level(w, replicas, policy="cache-affinity", curves=CURVES, **kw):
     topo = replicas if isinstance(replicas, Topology) else Topology.even(w.regions, replicas)
-    return RequestLevelFleet(topo, curves, make_picker(policy, w.conv.tolist()), **kw).run(w)
+    return RequestLevelFleet(topo, curves, gateway(w, topo, policy, curves=curves, **kw)).run(w)
 
 
 def test_request_level_agrees_with_step_level_at_moderate_load():
     w = chat(40)
     topo = Topology.even(w.regions, 3)
     fast = request_level(w, topo).log.summary()
-    step = StepLevelFleet(topo, COST, CONFIG, make_picker("affinity", w.conv.tolist())).run(w).log.summary()
+    step = StepLevelFleet(topo, COST, CONFIG, gateway(w, topo)).run(w).log.summary()
     assert fast["completed"] == step["completed"] == len(w)
     assert abs(fast["cache_hit_rate"] - step["cache_hit_rate"]) < 0.1
     for figure in (("ttft", "p50"), ("tpot", "p50")):
@@ -49,22 +53,22 @@ def test_affinity_routing_hits_the_cache_round_robin_misses():
     w = chat(200, seconds=300)
     whole_gpu = ReplicaCurves.from_cost(COST, COST.kv_blocks(16) * 16, 256)  # ~430k tokens of KV each
     hits = {p: request_level(w, 16, p, whole_gpu, candidates=4).log.summary()["cache_hit_rate"]
-            for p in ("affinity", "round-robin", "random")}
+            for p in ("cache-affinity", "round-robin", "random")}
     ideal = w.prefix.sum() / w.prompt.sum()
-    assert hits["affinity"] > 0.8 * ideal and hits["round-robin"] < 0.2 * ideal
+    assert hits["cache-affinity"] > 0.8 * ideal and hits["round-robin"] < 0.2 * ideal
     assert abs(hits["round-robin"] - hits["random"]) < 0.05
     # a tenth of the KV budget holds a tenth of the conversations: the hit rate falls
     small = ReplicaCurves.from_cost(COST, COST.kv_blocks(16) * 16 // 10, 256)
-    assert request_level(w, 16, "affinity", small).log.summary()["cache_hit_rate"] < hits["affinity"] - 0.2
+    assert request_level(w, 16, "cache-affinity", small).log.summary()["cache_hit_rate"] < hits["cache-affinity"] - 0.2
 
 
 def test_more_replicas_lower_latency_and_admission_caps_the_queue():
     w = chat(600, seconds=120)
     few, many = request_level(w, 2).log.summary(), request_level(w, 12).log.summary()
     assert few["ttft"]["p90"] > 5 * many["ttft"]["p90"]
-    limited = request_level(w, 2, admit=lambda i, v, now: v.queued < 8).log
+    limited = request_level(w, 2, admission=AdmissionSettings(max_queue=64, max_wait=5)).log
     s = limited.summary()
-    assert 0.1 < s["rejection_rate"] < 0.95 and s["ttft"]["p99"] < few["ttft"]["p99"] / 3
+    assert 0.1 < s["rejection_rate"] < 1 and s["ttft"]["p99"] < few["ttft"]["p99"] / 3
     assert np.isnan(limited.first_token[limited.rejected]).all()
 
 

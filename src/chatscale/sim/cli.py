@@ -38,12 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         _common(c)
         if name != "replica":
             c.add_argument("--replicas", type=int, default=8, help="replicas, split by each region's traffic")
-            c.add_argument("--routing", default="affinity",
-                           choices=["affinity", "round-robin", "least-outstanding", "random"])
+            c.add_argument("--routing", default="cache-affinity",
+                           choices=["cache-affinity", "round-robin", "least-outstanding", "random"],
+                           help="the gateway's routing policy")
             c.add_argument("--candidates", type=int, default=8,
-                           help="replicas offered to the router per request at request level (0: all)")
-            c.add_argument("--max-queue", type=int, default=None,
-                           help="admission control: turn requests away when the chosen replica queues this many")
+                           help="replicas offered to the policy per request besides the prefix holders (0: all)")
+            c.add_argument("--admission", action="store_true",
+                           help="the gateway's admission control: queue above saturation, 429 when full")
+            c.add_argument("--max-queue", type=int, default=256, help="admission queue per band and region")
         if name == "fleet":
             c.add_argument("--level", choices=["request", "step"], default="request")
         if name == "size":
@@ -156,8 +158,8 @@ def _fleet(args, w, cost, config):
         return res.log, res.timeline, {"topology": topo.replicas, "retried": res.retried, "spilled": res.spilled}
     from chatscale.sim.fleet import StepLevelFleet
 
-    res = StepLevelFleet(topo, cost, config, _picker(args, w), _admitter(args)).run(w, show_progress=True)
-    return res.log, res.timeline, {"topology": topo.replicas, "steps": res.steps}
+    res = StepLevelFleet(topo, cost, config, _gateway(args, w, topo, config)).run(w, show_progress=True)
+    return res.log, res.timeline, {"topology": topo.replicas, "steps": res.steps, "spilled": res.spilled}
 
 
 def _request_level(args, w, cost, config, topo, show_progress: bool = False):
@@ -166,22 +168,15 @@ def _request_level(args, w, cost, config, topo, show_progress: bool = False):
 
     curves = ReplicaCurves.from_cost(cost, config.num_blocks * config.block_size, config.max_num_seqs,
                                      config.block_size, config.max_num_batched_tokens)
-    fleet = RequestLevelFleet(topo, curves, _picker(args, w), _admitter(args), candidates=args.candidates,
-                              seed=args.seed)
-    return fleet.run(w, show_progress)
+    return RequestLevelFleet(topo, curves, _gateway(args, w, topo, config)).run(w, show_progress)
 
 
-def _picker(args, w):
-    from chatscale.sim.pickers import make_picker
+def _gateway(args, w, topo, config):
+    from chatscale.sim.gateway_sim import AdmissionSettings, SimGateway, sim_policy
 
-    return make_picker(args.routing, w.conv.tolist(), args.seed)
-
-
-def _admitter(args):
-    if args.max_queue is None:
-        return None
-    limit = args.max_queue
-    return lambda i, view, now: view.queued < limit
+    admission = AdmissionSettings(max_queue=args.max_queue) if args.admission else None
+    policy = sim_policy(args.routing, topo, config.num_blocks * config.block_size)
+    return SimGateway(topo, policy, w.regions, admission, args.candidates, seed=args.seed)
 
 
 def _save(path: Path | None, data: dict) -> None:

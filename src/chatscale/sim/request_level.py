@@ -1,10 +1,9 @@
 """The request-level fleet: thousands of replicas, millions of requests, one heap.
 
-Each replica is its service curves (curves.py) plus the state a router and admission control see:
-running requests, queue, KV tokens held by running requests (prompt plus half the answer: what a
-request holds on average while the real scheduler grows its pages), and an LRU of idle
-conversations whose prefix pages are still cached. A request's life is decided when it starts, from the replica's state
-at that moment:
+Each replica is its service curves (curves.py) plus the state the gateway sees: running requests,
+queue, KV tokens held by running requests (prompt plus half the answer: what a request holds on
+average while the real scheduler grows its pages), and an LRU of idle conversations whose prefix
+pages are still cached. A request's life is decided when it starts, from the replica's state then:
 
     first token = start + half a decode step (the step in flight) + its prefill (queued behind the
                   replica's other prefills) + one decode step, + the network round trip
@@ -13,22 +12,22 @@ at that moment:
 
 and one completion event frees its slot, its KV tokens, and caches its conversation (prompt +
 answer) for the next turn. That freezes each request's pace at its start; the step-level fleet,
-which runs the real scheduler, shows how far that is off (docs/simulations.md).
+which runs the real scheduler, shows how far that is off (docs/simulations.md). Routing and
+admission are the gateway's own classes (gateway_sim.py).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-import random
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from chatscale.sim.curves import ReplicaCurves
+from chatscale.sim.gateway_sim import SimGateway, prefix_chain
 from chatscale.sim.progress import progress
 from chatscale.sim.results import RequestLog, Timeline
 from chatscale.sim.topology import Topology
@@ -38,59 +37,26 @@ PREFILL_WINDOW_S = 5.0  # how far back "recent prefill time" looks
 
 
 @dataclass
-class ReplicaView:
-    """What routing and admission see of one replica, updated in place as the simulation runs."""
-
-    replica: int
-    region: int
-    running: int = 0
-    queued: int = 0
-    kv_tokens: int = 0  # held by running requests
-    capacity: int = 1
-    up: bool = True
-
-    @property
-    def outstanding(self) -> int:
-        return self.running + self.queued
-
-    @property
-    def kv_usage(self) -> float:
-        return self.kv_tokens / self.capacity
-
-
-# pick(request index, candidate replica views) -> chosen view; admit(request index, view, now) -> bool
-Picker = Callable[[int, list[ReplicaView]], ReplicaView]
-Admitter = Callable[[int, ReplicaView, float], bool]
-
-
-@dataclass
-class RequestLevelResult:
+class FleetResult:
     log: RequestLog
     timeline: Timeline
-    retried: int = 0
-    spilled: int = 0  # requests served outside their users' region
+    retried: int = 0  # requests re-routed because their replica failed
+    spilled: int = 0  # requests served outside their users' nearest region
+    steps: int = 0  # scheduler steps (step level only)
 
 
 @dataclass
 class RequestLevelFleet:
     topology: Topology
     curves: ReplicaCurves
-    pick: Picker
-    admit: Admitter | None = None
-    candidates: int = 0  # replicas offered to `pick` per request: 0 = the whole region
-    spill_queue: int = 64  # look at the next region when the pick would queue more than this
+    gateway: SimGateway
     sample_s: float = 10.0
-    seed: int = 0
-    views: list[ReplicaView] = field(init=False)
 
-    def run(self, w: Workload, show_progress: bool = False) -> RequestLevelResult:
-        topo, cv = self.topology, self.curves
+    def run(self, w: Workload, show_progress: bool = False) -> FleetResult:
+        topo, cv, gw = self.topology, self.curves, self.gateway
+        size = topo.size
         region_of = topo.region_of()
-        self.views = views = [ReplicaView(r, region_of[r], capacity=cv.capacity_tokens) for r in range(topo.size)]
-        members = [[views[r] for r in m] for m in topo.members()]
-        user_regions = w.regions
-        order = topo.nearest(user_regions)
-        rtt = [[topo.round_trip(u, f) for f in topo.regions] for u in user_regions]
+        rtt = [[topo.round_trip(u, f) for f in topo.regions] for u in w.regions]
         n = len(w)
         log = RequestLog.empty(n)
         log.arrival[:] = w.arrival
@@ -98,38 +64,39 @@ class RequestLevelFleet:
         # array.array columns: list-speed indexing at 8 bytes a value (ten million requests fit)
         arrival, prompt, output = _column("d", w.arrival), _column("q", w.prompt), _column("q", w.output)
         conv, prefix, uregion = _column("q", w.conv), _column("q", w.prefix), _column("q", w.region)
+        hashes = w.hash_ids
         first_token, finish = array("d", [math.nan]) * n, array("d", [math.nan]) * n
         cached_col, replica_col, rejected = array("q", [0]) * n, array("q", [-1]) * n, array("b", [0]) * n
 
-        queue = [deque() for _ in views]
-        running = [set() for _ in views]
-        cache = [OrderedDict() for _ in views]
-        cache_tokens = [0] * len(views)
-        prefill_free = [0.0] * len(views)
-        prefill_load, prefill_t = [0.0] * len(views), [0.0] * len(views)
-        epoch = [0] * len(views)
-        start_of = {}  # request -> (replica, epoch) while running
+        queue = [deque() for _ in range(size)]
+        running = [set() for _ in range(size)]
+        kv_tokens = [0] * size
+        cache = [OrderedDict() for _ in range(size)]
+        cache_tokens = [0] * size
+        prefill_free = [0.0] * size
+        prefill_load, prefill_t = [0.0] * size, [0.0] * size
         heap: list = []
-        decode, pre_rate, cap, max_seqs, block = cv.decode, cv.prefill_per_token, cv.capacity_tokens, cv.max_seqs, cv.block_size
+        decode, pre_rate, cap, max_seqs, block = (cv.decode, cv.prefill_per_token, cv.capacity_tokens,
+                                                  cv.max_seqs, cv.block_size)
         exp = math.exp
-        draw = random.Random(self.seed).random
-        k = self.candidates
-        result = RequestLevelResult(log, Timeline())
+        update = gw.update
+        result = FleetResult(log, Timeline())
+        self._kv, self._queue, self._running = kv_tokens, queue, running
+
+        def publish(r: int) -> None:
+            update(r, len(running[r]), len(queue[r]), kv_tokens[r] / cap)
 
         def start(r: int, i: int, t: float) -> None:
-            v = views[r]
             c, p, o = conv[i], prompt[i], output[i]
             hit = 0
             held = cache[r].pop(c, None)
             if held is not None:
                 cache_tokens[r] -= held
                 hit = min(held, prefix[i]) // block * block
-            b = v.running
-            v.running = b + 1
-            v.kv_tokens += p + o // 2
+            b = len(running[r])
+            kv_tokens[r] += p + o // 2
             evict(r)
-            ctx = v.kv_tokens // (b + 1)
-            kb = ctx.bit_length()
+            kb = (kv_tokens[r] // (b + 1)).bit_length()
             row = decode[kb if kb < 19 else 18]
             step = row[b + 1]
             todo = p - hit
@@ -144,100 +111,80 @@ class RequestLevelFleet:
             busy = load if load < 0.8 else 0.8
             first = begin + 0.5 * row[b] + pre + step
             done = first + (o - 1) * step / (1 - busy)
-            lag = rtt[uregion[i]][v.region]
+            lag = rtt[uregion[i]][region_of[r]]
             first_token[i], finish[i], cached_col[i], replica_col[i] = first + lag, done + lag, hit, r
             running[r].add(i)
-            start_of[i] = epoch[r]
             heapq.heappush(heap, (done, i, r))
 
         def evict(r: int) -> None:
             lru = cache[r]
-            over = views[r].kv_tokens + cache_tokens[r] - cap
+            over = kv_tokens[r] + cache_tokens[r] - cap
             while over > 0 and lru:
                 _, tokens = lru.popitem(last=False)
                 cache_tokens[r] -= tokens
                 over -= tokens
 
         def complete(t: float, i: int, r: int) -> None:
-            if start_of.get(i) != epoch[r] or i not in running[r]:
+            if i not in running[r]:
                 return  # the replica failed while it ran: the request was retried elsewhere
-            del start_of[i]
             running[r].discard(i)
-            v = views[r]
             p, o = prompt[i], output[i]
-            v.running -= 1
-            v.kv_tokens -= p + o // 2
+            kv_tokens[r] -= p + o // 2
             lru = cache[r]
             c = conv[i]
-            old = lru.pop(c, 0)
+            cache_tokens[r] += p + o - lru.pop(c, 0)
             lru[c] = p + o
-            cache_tokens[r] += p + o - old
             evict(r)
-            drain(r, t)
-
-        def drain(r: int, t: float) -> None:
-            v, q = views[r], queue[r]
-            while q and v.running < max_seqs and v.kv_tokens + prompt[q[0]] + output[q[0]] // 2 <= cap:
-                v.queued -= 1
+            q = queue[r]
+            while q and len(running[r]) < max_seqs and kv_tokens[r] + prompt[q[0]] + output[q[0]] // 2 <= cap:
                 start(r, q.popleft(), t)
+            publish(r)
+            if gw.admission is not None:
+                while (j := gw.release(t)) is not None:
+                    place(j, t)
 
         def place(i: int, t: float) -> None:
-            """Route request i (arrival or retry) and start or queue it; False if turned away."""
-            u = uregion[i]
-            chosen = None
-            for region in order[u]:
-                pool = [v for v in members[region] if v.up] if failures else members[region]
-                if not pool:
-                    continue
-                if k and len(pool) > k:
-                    size = len(pool)
-                    offered = [pool[int(draw() * size)] for _ in range(k)]
-                else:
-                    offered = pool
-                chosen = self.pick(i, offered)
-                if chosen.queued <= self.spill_queue:
-                    break
-            if chosen is None:
+            """Route request i (on arrival, from a gateway queue, or retried) and start or queue it."""
+            p, o = prompt[i], output[i]
+            chain = prefix_chain(conv[i], p, hashes[i] if hashes is not None else None)
+            r = gw.route(chain, p + o, uregion[i], t)
+            if r is None or p + o > cap:  # nothing up, or it can never fit (LLMEngine.check_request)
                 rejected[i] = 1
                 return
-            if region != order[u][0]:
-                result.spilled += 1
-            if self.admit is not None and not self.admit(i, chosen, t):
-                rejected[i] = 1
-                return
-            r = chosen.replica
-            if prompt[i] + output[i] > cap:
-                rejected[i] = 1  # can never fit, as LLMEngine.check_request says
-            elif (chosen.running < max_seqs and not queue[r]
-                    and chosen.kv_tokens + prompt[i] + output[i] // 2 <= cap):
+            if len(running[r]) < max_seqs and not queue[r] and kv_tokens[r] + p + o // 2 <= cap:
                 start(r, i, t)
             else:
-                chosen.queued += 1
                 queue[r].append(i)
+            publish(r)
 
-        failures = sorted(self.topology.failures, key=lambda f: f.at)
-        fail_events = [(f.at, 0, f.replica, f.down_for) for f in failures]
+        def arrive(i: int, t: float) -> None:
+            action = gw.arrive(i, str(conv[i]), prompt[i] + output[i], uregion[i], t)
+            if action == "admit":
+                place(i, t)
+            elif action == "reject":
+                rejected[i] = 1
+
+        fail_events = [(f.at, 0, f.replica, f.down_for) for f in topo.failures]
         heapq.heapify(fail_events)
 
         def fail_or_recover(t: float, kind: int, r: int, down_for: float) -> None:
-            v = views[r]
             if kind == 1:
-                v.up = True
+                gw.set_healthy(r, True)
                 return
-            v.up = False
-            epoch[r] += 1
+            gw.set_healthy(r, False)
             heapq.heappush(fail_events, (t + down_for, 1, r, 0.0))
             lost = list(running[r]) + list(queue[r])
             running[r].clear()
             queue[r].clear()
-            v.running = v.queued = v.kv_tokens = 0
+            kv_tokens[r] = 0
             cache[r].clear()
             cache_tokens[r] = 0
+            publish(r)
             result.retried += len(lost)
             for i in lost:
                 place(i, t)
 
-        next_sample = 0.0
+        next_sample = next_expiry = 0.0
         bar = progress(n, "fleet", show_progress)
         tick = max(1, n // 200)
         for i in range(n):
@@ -247,15 +194,21 @@ class RequestLevelFleet:
                 complete(done, j, r)
             while fail_events and fail_events[0][0] <= t:
                 fail_or_recover(*heapq.heappop(fail_events))
+            if t >= next_expiry:
+                for j in gw.expired(t):
+                    rejected[j] = 1
+                next_expiry = t + 1.0
             if t >= next_sample:
                 self._sample(result.timeline, t)
                 next_sample = t + self.sample_s
-            place(i, t)
+            arrive(i, t)
             if i % tick == 0:
                 bar.update(tick)
         while heap:
             done, j, r = heapq.heappop(heap)
             complete(done, j, r)
+        for j in gw.expired(math.inf):
+            rejected[j] = 1
         bar.close()
         log.first_token[:] = np.frombuffer(first_token, np.float64)
         log.finish[:] = np.frombuffer(finish, np.float64)
@@ -263,11 +216,12 @@ class RequestLevelFleet:
         log.replica[:] = np.frombuffer(replica_col, np.int64)
         log.rejected[:] = np.frombuffer(rejected, np.int8).astype(bool)
         log.output[:] = w.output
+        result.spilled = gw.spilled
         return result
 
     def _sample(self, timeline: Timeline, t: float) -> None:
-        vs = self.views
-        timeline.add(t, [v.kv_usage for v in vs], [v.running for v in vs], [v.queued for v in vs])
+        cap = self.curves.capacity_tokens
+        timeline.add(t, [k / cap for k in self._kv], [len(r) for r in self._running], [len(q) for q in self._queue])
 
 
 def _column(typecode: str, values: np.ndarray) -> array:

@@ -1,0 +1,138 @@
+"""The gateway's own routing and admission classes (chatscale.gateway.routing / admission), run in
+simulated time for both fleets.
+
+One gateway per user region, as deployed: it offers its region's replicas to the routing policy
+(nearest region first; the next one when the pick would queue more than `spill_queue`), and, when
+admission control is on, forwards below saturation, queues above it (priority bands, fair share by
+key) and rejects with Retry-After when its queue is full or a ticket waited too long. Replica state
+is exact (the simulator has no scrape lag), kept in the gateway's ReplicaState objects.
+
+At fleet scale a policy is offered `candidates` replicas per request: the ones the policy's prefix
+index says hold the request's prefix, plus a random sample of the region (the power of d choices);
+0 offers the whole region.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from chatscale.gateway.admission import Admission, SaturationLimits, Ticket, has_room
+from chatscale.gateway.routing import CacheAffinity, Policy, PrefixIndex, ReplicaState, RouteRequest, make_policy
+from chatscale.sim.topology import Topology
+
+CHAIN_BLOCK = 128  # tokens per prefix-chain link (the gateway hashes 16; coarser keeps chains short)
+
+
+@dataclass
+class AdmissionSettings:
+    bands: int = 3
+    max_queue: int = 256  # tickets per band and region gateway
+    max_wait: float = 30.0
+    limits: SaturationLimits = field(default_factory=SaturationLimits)
+
+
+class SimGateway:
+    def __init__(self, topology: Topology, policy: Policy, user_regions: list[str],
+                 admission: AdmissionSettings | None = None, candidates: int = 8, spill_queue: int = 64,
+                 seed: int = 0) -> None:
+        self.policy = policy
+        self.states = [ReplicaState(f"r{r}", topology.regions[g]) for r, g in enumerate(topology.region_of())]
+        self.index = {s.name: r for r, s in enumerate(self.states)}
+        self.members = [[self.states[r] for r in m] for m in topology.members()]
+        self.order = topology.nearest(user_regions)
+        self.candidates, self.spill_queue = candidates, spill_queue
+        self._draw = random.Random(seed).random
+        self.settings = admission
+        self.admission = [Admission(admission.bands, admission.max_queue, admission.max_wait)
+                          for _ in user_regions] if admission else None
+        self._room = [len(m) for m in self.members]  # replicas with room, per fleet region
+        self._region_of = topology.region_of()
+        self.spilled = 0
+
+    # ---- replica state ------------------------------------------------------------------------
+    def update(self, r: int, running: int, waiting: int, kv_usage: float) -> None:
+        s = self.states[r]
+        if self.settings is None:
+            s.num_running, s.num_waiting, s.kv_usage = running, waiting, kv_usage
+            return
+        before = s.healthy and has_room(s, self.settings.limits)
+        s.num_running, s.num_waiting, s.kv_usage = running, waiting, kv_usage
+        self._room[self._region_of[r]] += (s.healthy and has_room(s, self.settings.limits)) - before
+
+    def set_healthy(self, r: int, healthy: bool) -> None:
+        s = self.states[r]
+        if self.settings is not None:
+            self._room[self._region_of[r]] -= s.healthy and has_room(s, self.settings.limits)
+        s.healthy = healthy
+        if self.settings is not None:
+            self._room[self._region_of[r]] += s.healthy and has_room(s, self.settings.limits)
+
+    # ---- routing ------------------------------------------------------------------------------
+    def route(self, chain: list[int], tokens: int, user_region: int, now: float) -> int | None:
+        """The replica the policy picks for this request, or None if none is available."""
+        req = RouteRequest(chain, tokens)
+        order = self.order[user_region]
+        route = None
+        for region in order:
+            route = self.policy.choose(req, self._offer(region, chain), now) or route
+            if route is not None and route.replica.num_waiting <= self.spill_queue:
+                break
+        if route is None:
+            return None
+        r = self.index[route.replica.name]
+        if self._region_of[r] != order[0]:
+            self.spilled += 1
+        self.policy.sent(req, route.replica)
+        return r
+
+    def _offer(self, region: int, chain: list[int]) -> list[ReplicaState]:
+        pool = self.members[region]
+        k = self.candidates
+        if not k or len(pool) <= k:
+            return pool
+        n = len(pool)
+        offered = [pool[int(self._draw() * n)] for _ in range(k)]
+        if chain and isinstance(self.policy, CacheAffinity):
+            holders = self.policy.index.matched(chain)
+            offered += [s for s in (self.states[self.index[h]] for h in holders)
+                        if self._region_of[self.index[s.name]] == region]
+        return offered
+
+    # ---- admission ----------------------------------------------------------------------------
+    def saturated(self, user_region: int) -> bool:
+        return not any(self._room[g] for g in self.order[user_region][:1])
+
+    def arrive(self, i: int, key: str, tokens: int, user_region: int, now: float) -> str:
+        """"admit", "queue" or "reject" (always "admit" without admission control)."""
+        if self.admission is None:
+            return "admit"
+        ticket = Ticket(key, 1, tokens, now, i)
+        return self.admission[user_region].arrive(ticket, self.saturated(user_region), now).action
+
+    def release(self, now: float) -> int | None:
+        """A queued request some region's gateway forwards now that its region has room, if any."""
+        for u, adm in enumerate(self.admission or []):
+            if adm.queued and not self.saturated(u):
+                return adm.next(now).payload
+        return None
+
+    def expired(self, now: float) -> list[int]:
+        """Requests that waited at a gateway longer than max_wait: answered 429 queue_timeout."""
+        return [t.payload for adm in self.admission or [] for t in adm.expired(now)]
+
+
+def sim_policy(name: str, topology: Topology, kv_tokens_per_replica: int) -> Policy:
+    """The gateway policy `name`; cache affinity gets a prefix index as large as the fleet's KV cache
+    in chain links, so the index forgets a prefix about when the replicas do."""
+    if name != CacheAffinity.name:
+        return make_policy(name)
+    return CacheAffinity(PrefixIndex(max_blocks=max(200_000, topology.size * kv_tokens_per_replica // CHAIN_BLOCK)))
+
+
+def prefix_chain(conv: int, prompt: int, hash_ids: list[int] | None = None) -> list[int]:
+    """The request's prefix chain as the gateway would hash it: Mooncake's hash ids as they are, or
+    one link per full CHAIN_BLOCK tokens of the conversation so far."""
+    if hash_ids is not None:
+        return hash_ids
+    return [(conv << 16) + j for j in range(prompt // CHAIN_BLOCK)]
