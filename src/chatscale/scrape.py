@@ -59,7 +59,8 @@ class Scrape:
 def quantile(q: float, before: list[tuple[float, float]], after: list[tuple[float, float]]) -> float | None:
     """The q-quantile of the observations a histogram gained between two readings, interpolated
     linearly inside its bucket (in the overflow bucket: the largest finite edge). None if none."""
-    counts = [(le, c - dict(before).get(le, 0.0)) for le, c in after]
+    earlier = dict(before)
+    counts = [(le, c - earlier.get(le, 0.0)) for le, c in after]
     if not counts or counts[-1][1] <= 0:
         return None
     rank = q * counts[-1][1]
