@@ -243,3 +243,18 @@ def test_dashboard_rows_add_up_to_the_tokens_served(checkpoint):
     busy = [r for r in rows if r["batch_sequences"]]
     assert busy and all(r["intensity"] > 0 and r["ridge"] > 0 and r["batch_tokens"] >= 1 for r in busy)
     assert rows[-1]["kv_live"] == 0 and rows[-1]["running"] == 0
+
+
+def test_dashboard_page_is_open_and_its_data_needs_the_api_key(checkpoint):
+    from fastapi.testclient import TestClient
+
+    server_engine = make_engine(checkpoint("llama"))
+    try:
+        client = TestClient(api(server_engine, api_key="sk-test"))
+        assert client.get("/dashboard").status_code == 200
+        assert client.get("/static/dashboard.js").status_code == 200
+        assert client.get("/dashboard/data").status_code == 401
+        data = client.get("/dashboard/data", headers={"Authorization": "Bearer sk-test"}).json()
+        assert data["rows"] == [] and data["interval_s"] == 1 and data["history_s"] == 600
+    finally:
+        server_engine.shutdown()
