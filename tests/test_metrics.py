@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from server_utils import MODEL, api, make_engine, running, wait_until
 
 from chatscale.device_peaks import catalog_entry
@@ -246,8 +247,6 @@ def test_dashboard_rows_add_up_to_the_tokens_served(checkpoint):
 
 
 def test_dashboard_page_is_open_and_its_data_needs_the_api_key(checkpoint):
-    from fastapi.testclient import TestClient
-
     server_engine = make_engine(checkpoint("llama"))
     try:
         client = TestClient(api(server_engine, api_key="sk-test"))

@@ -26,7 +26,8 @@ const CHARTS = [
   { id: "itl", title: "Inter-token latency (last 10 s)", unit: "s", series: [
     ["itl_p50", "p50", "#0969da"], ["itl_p99", "p99", "#d1242f"]] },
   { id: "queue", title: "Requests", unit: "num", series: [
-    ["running", "running", "#10a37f"], ["waiting", "waiting (queued)", "#d1242f"]] },
+    ["running", "running", "#10a37f"], ["waiting", "waiting (queued)", "#d1242f"],
+    ["preemptions_per_s", "preempted per s", "#bf8700", true]] },
   { id: "hits", title: "Prefix-cache hit rate, tokens (last 10 s)", unit: "pct", max: 1, series: [
     ["hit_rate", "hit rate", "#10a37f"]] },
   { id: "util", title: "MFU, MBU while stepping; busy share", unit: "pct", series: [
