@@ -9,12 +9,15 @@
 
 Model and hardware: Llama-3-8B on one H100 per replica (planner roofline, 60% of peak, 2 ms per step).
 
-    .venv/bin/python benchmarks/sim_scenarios.py --json docs/img/sim_scenarios.json [--only 3]
+    .venv/bin/python benchmarks/sim_scenarios.py --json docs/sim/scenarios.json [--only 3 4]
+
+(--only reruns some parts and keeps the others' results in the JSON.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -49,7 +52,8 @@ def curves(config: TwinConfig = CONFIG) -> ReplicaCurves:
 
 def gateway(w: W.Workload, topo: Topology, policy: str = "cache-affinity", candidates: int = 8,
             admission: AdmissionSettings | None = None) -> SimGateway:
-    return SimGateway(topo, sim_policy(policy, topo, BLOCKS * 16), w.regions, admission, candidates)
+    return SimGateway(topo, sim_policy(policy, topo, BLOCKS * 16, CONFIG.max_num_seqs), w.regions, admission,
+                      candidates)
 
 
 def request_level(w: W.Workload, topo: Topology, policy: str = "cache-affinity", config: TwinConfig = CONFIG,
@@ -157,8 +161,9 @@ def japan_spike(replicas: int, rate: float) -> dict:
     w = W.conversations(rate, 1.5 * 3600, start_hour_utc=22.75, spike={"ap-japan": 1.5}, seed=7)
     topo = proportional(w.window(0, 1200), replicas)
     japan = w.region == w.regions.index("ap-japan")
+    admission = AdmissionSettings.for_replicas(CONFIG.max_num_seqs)
     runs = {"no admission control": request_level(w, topo),
-            "admission control": request_level(w, topo, admission=AdmissionSettings())}
+            "admission control": request_level(w, topo, admission=admission)}
     out = {"requests": len(w), "topology": topo.replicas, "runs": {}}
     plt = plots._pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
@@ -214,6 +219,9 @@ def routing(replicas: int, rate: float, seconds: float) -> dict:
         out[policy] = {**figures(s), "prefill_tokens": prefill, "wall_s": time.time() - t}
         logs[policy] = res.log
     plots.latency_cdfs(logs, IMG / "sim_routing.png", f"{topo.size} replicas, {len(w) / seconds:.0f} requests/s")
+    for policy in ("cache-affinity", "round-robin"):
+        found = size_fleet(w, lambda t: request_level(w, t, policy).log, SLO, target=0.99, start=replicas // 4)
+        out[policy]["fleet_for_slo"] = {"replicas": found.replicas, "tried": found.tried}
     return out
 
 
@@ -226,7 +234,7 @@ def main() -> None:
     parts = {0: ("validation", validation), 1: ("kv_budget", kv_budget), 2: ("batch_size", batch_size),
              3: ("japan_spike", lambda: japan_spike(10, 500)),
              4: ("routing", lambda: routing(300, 15000, 180))}
-    out = {}
+    out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
     for k, (name, fn) in parts.items():
         if args.only is None or k in args.only:
             t = time.time()

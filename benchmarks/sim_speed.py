@@ -46,7 +46,7 @@ def main() -> None:
     topo = proportional(w, args.replicas)
     curves = ReplicaCurves.from_cost(cost, config.num_blocks * config.block_size, config.max_num_seqs)
     t1 = time.time()
-    gateway = SimGateway(topo, sim_policy("cache-affinity", topo, curves.capacity_tokens), w.regions,
+    gateway = SimGateway(topo, sim_policy("cache-affinity", topo, curves.capacity_tokens, curves.max_seqs), w.regions,
                          candidates=args.candidates)
     res = RequestLevelFleet(topo, curves, gateway).run(w, show_progress=True)
     sim_s = time.time() - t1
@@ -66,7 +66,7 @@ def main() -> None:
                             spike={"ap-japan": 1.5}, seed=1).window(240, args.step_seconds)
     t2 = time.time()
     small_topo = proportional(small, args.step_replicas)
-    gateway = SimGateway(small_topo, sim_policy("cache-affinity", small_topo, curves.capacity_tokens), small.regions)
+    gateway = SimGateway(small_topo, sim_policy("cache-affinity", small_topo, curves.capacity_tokens, curves.max_seqs), small.regions)
     step = StepLevelFleet(small_topo, cost, config, gateway).run(small, show_progress=True)
     step_s = time.time() - t2
     out["step_level"] = {"requests": len(small), "replicas": args.step_replicas, "simulated_s": args.step_seconds,

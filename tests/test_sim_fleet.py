@@ -29,7 +29,8 @@ def chat(rate: float, seconds: float = 120, regions=None, seed: int = 0) -> W.Wo
 
 
 def gateway(w, topo, policy="cache-affinity", candidates=8, admission=None, curves=CURVES):
-    return SimGateway(topo, sim_policy(policy, topo, curves.capacity_tokens), w.regions, admission, candidates)
+    return SimGateway(topo, sim_policy(policy, topo, curves.capacity_tokens, curves.max_seqs), w.regions, admission,
+                      candidates)
 
 
 def request_level(w, replicas, policy="cache-affinity", curves=CURVES, **kw):
@@ -66,7 +67,7 @@ def test_more_replicas_lower_latency_and_admission_caps_the_queue():
     w = chat(600, seconds=120)
     few, many = request_level(w, 2).log.summary(), request_level(w, 12).log.summary()
     assert few["ttft"]["p90"] > 5 * many["ttft"]["p90"]
-    limited = request_level(w, 2, admission=AdmissionSettings(max_queue=64, max_wait=5)).log
+    limited = request_level(w, 2, admission=AdmissionSettings.for_replicas(CURVES.max_seqs, max_queue=64, max_wait=5)).log
     s = limited.summary()
     assert 0.1 < s["rejection_rate"] < 1 and s["ttft"]["p99"] < few["ttft"]["p99"] / 3
     assert np.isnan(limited.first_token[limited.rejected]).all()

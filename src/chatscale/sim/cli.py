@@ -174,8 +174,10 @@ def _request_level(args, w, cost, config, topo, show_progress: bool = False):
 def _gateway(args, w, topo, config):
     from chatscale.sim.gateway_sim import AdmissionSettings, SimGateway, sim_policy
 
-    admission = AdmissionSettings(max_queue=args.max_queue) if args.admission else None
-    policy = sim_policy(args.routing, topo, config.num_blocks * config.block_size)
+    admission = None
+    if args.admission:
+        admission = AdmissionSettings.for_replicas(config.max_num_seqs, max_queue=args.max_queue)
+    policy = sim_policy(args.routing, topo, config.num_blocks * config.block_size, config.max_num_seqs)
     return SimGateway(topo, policy, w.regions, admission, args.candidates, seed=args.seed)
 
 

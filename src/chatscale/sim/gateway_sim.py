@@ -18,7 +18,8 @@ import random
 from dataclasses import dataclass, field
 
 from chatscale.gateway.admission import Admission, SaturationLimits, Ticket, has_room
-from chatscale.gateway.routing import CacheAffinity, Policy, PrefixIndex, ReplicaState, RouteRequest, make_policy
+from chatscale.gateway.routing import (AffinityWeights, CacheAffinity, Policy, PrefixIndex, ReplicaState,
+                                      RouteRequest, make_policy)
 from chatscale.sim.topology import Topology
 
 CHAIN_BLOCK = 128  # tokens per prefix-chain link (the gateway hashes 16; coarser keeps chains short)
@@ -30,6 +31,11 @@ class AdmissionSettings:
     max_queue: int = 256  # tickets per band and region gateway
     max_wait: float = 30.0
     limits: SaturationLimits = field(default_factory=SaturationLimits)
+
+    @classmethod
+    def for_replicas(cls, max_num_seqs: int, **kw) -> AdmissionSettings:
+        """Saturation where a replica's batch is full: beyond that a request only waits in its queue."""
+        return cls(limits=SaturationLimits(outstanding=float(max_num_seqs)), **kw)
 
 
 class SimGateway:
@@ -122,12 +128,14 @@ class SimGateway:
         return [t.payload for adm in self.admission or [] for t in adm.expired(now)]
 
 
-def sim_policy(name: str, topology: Topology, kv_tokens_per_replica: int) -> Policy:
-    """The gateway policy `name`; cache affinity gets a prefix index as large as the fleet's KV cache
-    in chain links, so the index forgets a prefix about when the replicas do."""
+def sim_policy(name: str, topology: Topology, kv_tokens_per_replica: int, max_num_seqs: int) -> Policy:
+    """The gateway policy `name`, configured for these replicas: cache affinity gets a prefix index
+    as large as the fleet's KV cache in chain links (it forgets a prefix about when the replicas
+    do) and counts a replica's queue as full at its batch size."""
     if name != CacheAffinity.name:
         return make_policy(name)
-    return CacheAffinity(PrefixIndex(max_blocks=max(200_000, topology.size * kv_tokens_per_replica // CHAIN_BLOCK)))
+    index = PrefixIndex(max_blocks=max(200_000, topology.size * kv_tokens_per_replica // CHAIN_BLOCK))
+    return CacheAffinity(index, AffinityWeights(queue_norm=float(max_num_seqs)))
 
 
 def prefix_chain(conv: int, prompt: int, hash_ids: list[int] | None = None) -> list[int]:
