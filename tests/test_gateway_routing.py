@@ -102,3 +102,44 @@ def test_token_weighted_share_and_idle_keys_bank_no_credit():
     adm.counters["idle"] = 0.0  # long idle; on its return it starts level with the active keys
     adm.arrive(Ticket("idle", 0, 10, 2.0), True, 2.0)
     assert adm.counters["idle"] >= min(adm.counters[k] for k in ("big",))
+
+
+def test_load_from_chatscale_vllm_and_sglang_metrics():
+    from chatscale.gateway.fleet import parse_load
+
+    assert parse_load("# HELP x\nchatscale:kv_cache_usage_perc 0.25\nchatscale:num_requests_running 3\n"
+                      "chatscale:num_requests_waiting 1.0\nchatscale:load 9\n") == {"kv": 0.25, "running": 3, "waiting": 1}
+    vllm = ('vllm:gpu_cache_usage_perc{model_name="m",engine="0"} 0.5\n'
+            'vllm:num_requests_running{model_name="m",engine="0"} 2\nvllm:num_requests_running{model_name="m",engine="1"} 3\n')
+    assert parse_load(vllm) == {"kv": 0.5, "running": 5}
+    assert parse_load('sglang:token_usage{name="a b"} 0.1\nsglang:num_queue_reqs{x="1"} 7\n') == {"kv": 0.1, "waiting": 7}
+
+
+def test_config_parses_regions_keys_and_rejects_mistakes():
+    import pytest
+
+    from chatscale.gateway.config import hash_key, parse
+
+    cfg = parse({"regions": {"eu": {"replicas": ["http://a:1", {"url": "http://b:1", "weight": 2}],
+                                    "dns": [{"host": "svc", "port": 8000}]}},
+                 "weights": {"prefix": 5}, "admission": {"saturation": {"kv_usage": 0.8}},
+                 "keys": [{"name": "k", "sha256": hash_key("s"), "policies": ["block", {"action": "throttle"}]}]})
+    assert [(r.name, r.region, r.weight) for r in cfg.replicas] == [("eu-0", "eu", 1.0), ("eu-1", "eu", 2.0)]
+    assert cfg.dns[0].host == "svc" and cfg.weights.prefix == 5 and cfg.admission.saturation.kv_usage == 0.8
+    assert [p.action for p in cfg.keys[0].policies] == ["block", "throttle"]
+    for wrong in ({"polcy": "x"}, {"keys": [{"name": "k", "sha256": "", "policies": ["purr"]}]},
+                  {"regions": {"a": {"replicas": [{"name": "x", "url": "u"}, {"name": "x", "url": "v"}]}}}):
+        with pytest.raises(ValueError):
+            parse(wrong)
+
+
+def test_key_policies():
+    from chatscale.gateway.config import KeyPolicy, KeySpec
+    from chatscale.gateway.policy import apply
+
+    key = KeySpec("k", "", rpm=100, tpm=1000, policies=[KeyPolicy("throttle", factor=0.1),
+                                                        KeyPolicy("lower-priority", by=1), KeyPolicy("rewrite")])
+    a = apply(key, {"messages": [{"role": "user", "content": "hi"}]}, band=1)
+    assert not a.blocked and (a.limits.rpm, a.limits.tpm, a.limits.concurrency) == (10, 100, None) and a.band == 2
+    assert a.body["messages"][0] == {"role": "system", "content": KeyPolicy("rewrite").system}
+    assert apply(key, {"prompt": "hi"}, 1).body["prompt"].endswith("voice of a cat.\n\nhi")

@@ -77,6 +77,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    from chatscale.gateway.cli import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatscale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokens(sub)
     _add_top(sub)
     _add_simulate(sub)
+    _add_gateway(sub)
     return parser
 
 

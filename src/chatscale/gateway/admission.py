@@ -11,6 +11,8 @@ gateway's async waiting around it lives in app.py. The contract:
             adm.next(now)     -> the ticket to forward next whenever there is room (or None)
             adm.expired(now)  -> tickets that waited longer than max_wait (answer 429 queue_timeout)
         d.action == "reject"  d.reason ("queue_full"), d.retry_after seconds
+        d.displaced           a queued ticket pushed out for this one (a full band keeps keys' shares
+                              of its slots even): reject it with queue_full
 
 Bands are strict priorities (0 first). Within a band, keys share by a virtual token counter (Sheng
 et al., "Fairness in Serving Large Language Models"): each key's counter grows by the tokens it is
@@ -59,6 +61,7 @@ class Decision:
     action: str  # admit | queue | reject
     reason: str = ""
     retry_after: float = 0.0
+    displaced: Ticket | None = None  # a queued ticket pushed out to make room (reject it: queue_full)
 
 
 @dataclass
@@ -88,15 +91,22 @@ class Admission:
             self._serve(t, now)
             return Decision("admit")
         band = self.bands[t.band]
+        displaced = None
         if band.size >= self.max_queue:
-            return Decision("reject", "queue_full", self.retry_after())
+            # A full band makes room for a key with fewer waiting by pushing out the newest ticket of
+            # the key with the most: otherwise a key that floods the queue holds every slot.
+            hog = max(band.queues, key=lambda k: len(band.queues[k]))
+            if len(band.queues[hog]) <= len(band.queues.get(t.key, ())) + 1:
+                return Decision("reject", "queue_full", self.retry_after())
+            displaced = band.queues[hog].pop()
+            band.size -= 1
         if t.key not in band.queues:  # becoming active: no credit for time spent idle
             active = [self.counters.get(k, 0.0) for k in band.queues]
             self.counters[t.key] = max(self.counters.get(t.key, 0.0), min(active, default=0.0))
             band.queues[t.key] = deque()
         band.queues[t.key].append(t)
         band.size += 1
-        return Decision("queue")
+        return Decision("queue", displaced=displaced)
 
     def next(self, now: float) -> Ticket | None:
         """The ticket to forward now: the highest band, the key with the least service in it."""

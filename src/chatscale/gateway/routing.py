@@ -216,6 +216,7 @@ class CacheAffinity(Policy):
     def __init__(self, index: PrefixIndex | None = None, weights: AffinityWeights | None = None) -> None:
         self.index = index if index is not None else PrefixIndex()
         self.w = weights or AffinityWeights()
+        self._turn = itertools.count()  # ties (an idle fleet, a new conversation) go round the replicas
 
     def headroom(self, r: ReplicaState) -> float:
         busy = max(r.kv_usage, min(1.0, r.load() / self.w.queue_norm))
@@ -233,7 +234,8 @@ class CacheAffinity(Policy):
         mean = sum(r.load() for r in up) / len(up)
         matched = self.index.matched(req.chain) if req.chain else {}
         best: Route | None = None
-        for r in up:
+        start = next(self._turn) % len(up)
+        for r in up[start:] + up[:start]:
             hot = r.load() > mean * (1 + self.w.hotspot_margin) and r.load() - mean >= self.w.hotspot_slack
             terms = {
                 "prefix": 0.0 if hot else matched.get(r.name, 0) / len(req.chain) if req.chain else 0.0,
