@@ -3,10 +3,10 @@
 A generation request goes: key (401 unless known) -> key policies (403 if blocked; throttle,
 lower priority, rewrite) -> limits (429 + x-ratelimit-*) -> admission (forward, or wait in the
 priority/fair-share queue, or 429 "We are at capacity" + Retry-After) -> routing -> the replica.
-An attempt that fails before the replica's first body byte (refused, reset, 5xx, 429/503) is
-re-routed up to max_retries times, so a replica dying under load loses no request that had not
-started streaming; one that breaks after it ends with an OpenAI error event and [DONE], never with
-repeated tokens. Only whole SSE events are forwarded, so that error event can never land in the
+An attempt that fails before the replica's first token (refused, reset, 5xx, 429/503, a stream
+that breaks after only its role chunk, which is held back) is re-routed up to max_retries times, so
+a replica dying under load loses no request that had not started streaming; one that breaks after
+it ends with an OpenAI error event and [DONE], never with repeated tokens. Only whole SSE events are forwarded, so that error event can never land in the
 middle of a half-sent one.
 """
 
@@ -63,6 +63,24 @@ def no_replica() -> Refused:
 def error_event(message: str, code: str) -> bytes:
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def first_token_in(data: bytes) -> bool:
+    """Has the stream said anything a retry would repeat: a token, a finish, an error, or its end?"""
+    for event in data.split(b"\n\n")[:-1]:  # whole events only
+        if not event.startswith(b"data: {"):
+            if event.startswith(b"data: "):
+                return True
+            continue
+        try:
+            obj = json.loads(event[6:])
+        except ValueError:
+            return True
+        if "error" in obj or obj.get("usage") or any(
+                (c.get("delta") or {}).get("content") or c.get("text") or c.get("finish_reason")
+                for c in obj.get("choices") or []):
+            return True
+    return False
 
 
 def prompt_text(body: dict) -> str | list[int]:
@@ -296,6 +314,12 @@ class Gateway:
                     raise _Busy(upstream)
                 chunks = upstream.aiter_raw()
                 first = await anext(chunks, b"")
+                streamed = upstream.headers.get("content-type", "").startswith("text/event-stream")
+                while streamed and not first_token_in(first):  # a bare role chunk can still be withheld
+                    more = await anext(chunks, None)
+                    if more is None:
+                        break
+                    first += more
             except (httpx.HTTPError, _Busy) as exc:
                 if upstream is not None:
                     await upstream.aclose()
@@ -309,7 +333,7 @@ class Gateway:
             passthrough = {k: v for k, v in upstream.headers.items()
                            if k.lower() in ("content-type", "cache-control")}
             passthrough["x-chatscale-replica"] = r.name
-            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            if streamed:
                 return StreamingResponse(self._relay(x, r, upstream, first, chunks), upstream.status_code,
                                          headers=passthrough)
             try:
