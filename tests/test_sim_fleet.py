@@ -111,3 +111,17 @@ def test_cli_fleet_writes_summary_and_plots(tmp_path):
     assert data["summary"]["completed"] == data["requests"] > 0
     assert sum(data["topology"].values()) == 10 and len(data["timeline"]["kv_usage"][0]) == 10
     assert (tmp_path / "latency.png").stat().st_size > 10_000 and (tmp_path / "timeline.png").is_file()
+
+
+def test_step_level_fleet_routes_and_admits_with_the_gateway_classes():
+    w = chat(60, seconds=60)
+    topo = Topology.even(w.regions, 3)
+    rr = StepLevelFleet(topo, COST, CONFIG, gateway(w, topo, "round-robin", candidates=0)).run(w)
+    counts = np.bincount(rr.log.replica, minlength=3)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == len(w)
+    # a replica whose batch holds 2 saturates at once: the gateway queues, then turns requests away
+    tiny = TwinConfig(num_blocks=3000, max_num_seqs=2)
+    admission = AdmissionSettings.for_replicas(2, max_queue=8, max_wait=2)
+    limited = StepLevelFleet(topo, COST, tiny, gateway(w, topo, admission=admission)).run(w).log
+    assert 0 < limited.rejected.mean() < 1
+    assert np.nanmax(limited.ttft) < 2 + 1  # nothing waited past max_wait, plus its own service
