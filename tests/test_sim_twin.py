@@ -128,3 +128,15 @@ def test_roofline_cost_is_the_planners():
     want = step_time(cost.model, cost.hw, cost.layout, decode_contexts=[1001] * 32, prefills=[(512, 0)])
     assert cost.step_seconds(chunks) == pytest.approx(0.001 + want / 0.5)
     assert 20_000 < cost.kv_blocks(16) < 40_000  # ~57 GB of KV at 128 KiB per token, 16 per page
+
+
+def test_engine_replay_serves_every_request_at_its_arrival():
+    from chatscale.engine.config import EngineConfig
+    from chatscale.engine.engine import LLMEngine
+    from chatscale.sim.engine_replay import replay_on_engine
+
+    w = W.poisson(10, 1.5, (16, 64), (2, 8), seed=1)
+    log = replay_on_engine(LLMEngine(EngineConfig(threads=1), num_blocks=256), w)
+    assert np.array_equal(log.output, w.output)
+    assert np.all(log.ttft > 0) and np.all(log.finish >= log.first_token)
+    assert log.finish.max() > w.arrival.max()  # open loop: the last request was not sent early

@@ -16,8 +16,7 @@ from chatscale.sim.tokens import prompt_token_ids
 from chatscale.sim.workloads import Workload
 
 
-def replay_on_engine(engine, w: Workload, steps: list | None = None) -> RequestLog:
-    """`steps`, if given, collects (chunks, wall seconds) of every step, to check a cost model on."""
+def replay_on_engine(engine, w: Workload) -> RequestLog:
     log = new_log(w)
     vocab = engine.vocab_size
     prompts = [prompt_token_ids(w, i, vocab) for i in range(len(w))]  # ready before the clock starts
@@ -34,11 +33,8 @@ def replay_on_engine(engine, w: Workload, steps: list | None = None) -> RequestL
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, float(w.arrival[i]) - (time.monotonic() - t0)))
             continue
-        start = time.monotonic()
         outs = engine.step()
         now = time.monotonic() - t0
-        if steps is not None and engine.last_step.chunks:
-            steps.append((list(engine.last_step.chunks), now + t0 - start))
         for out in outs:
             j = int(out.request_id)
             if log.first_token[j] != log.first_token[j]:  # NaN: no token yet

@@ -3,8 +3,6 @@ simulated clock (arrivals join between steps; an idle replica waits for the next
 
 from __future__ import annotations
 
-import numpy as np
-
 from chatscale.sim.cost import StepCostModel
 from chatscale.sim.progress import progress
 from chatscale.sim.results import RequestLog
@@ -45,7 +43,3 @@ def simulate_replica(w: Workload, cost: StepCostModel, config: TwinConfig = Twin
     bar.close()
     return log, twin
 
-
-def steps_array(twin: ReplicaTwin) -> np.ndarray:
-    """The twin's recorded steps as columns: start, seconds, seqs, tokens, kv_usage."""
-    return np.array([(s.start, s.seconds, s.seqs, s.tokens, s.kv_usage) for s in twin.steps]).reshape(-1, 5)
