@@ -143,3 +143,12 @@ def test_key_policies():
     assert not a.blocked and (a.limits.rpm, a.limits.tpm, a.limits.concurrency) == (10, 100, None) and a.band == 2
     assert a.body["messages"][0] == {"role": "system", "content": KeyPolicy("rewrite").system}
     assert apply(key, {"prompt": "hi"}, 1).body["prompt"].endswith("voice of a cat.\n\nhi")
+
+
+def test_the_example_fleet_yaml_loads():
+    from pathlib import Path
+
+    from chatscale.gateway.config import load
+
+    cfg = load(Path(__file__).parents[1] / "deploy" / "fleet.yaml")
+    assert {r.region for r in cfg.replicas} == {"us-east", "eu-west"} and cfg.dns and len(cfg.keys) == 4
