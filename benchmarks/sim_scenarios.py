@@ -153,17 +153,19 @@ def batch_size() -> dict:
     return {"ridge_point": ridge, "rows": rows}
 
 
-def japan_spike(replicas: int, rate: float) -> dict:
+def japan_spike(replicas: int, rate: float, size: bool = True) -> dict:
     """22:45-00:15 UTC (7:45-9:15 am in Japan), a fixed fleet placed by the first twenty minutes'
-    traffic: the gateway without and with admission control (queue above saturation, 429 +
-    Retry-After when the queue is full or a request waited 30 s); then the size that meets the SLO
-    for 99% of requests."""
+    traffic: the gateway without admission control, and with it (queue above saturation, 429 +
+    Retry-After when the queue is full or a request waited too long) at its default queue and at
+    one sized to the TTFT SLO; then the size that meets the SLO for 99% of requests."""
     w = W.conversations(rate, 1.5 * 3600, start_hour_utc=22.75, spike={"ap-japan": 1.5}, seed=7)
     topo = proportional(w.window(0, 1200), replicas)
     japan = w.region == w.regions.index("ap-japan")
-    admission = AdmissionSettings.for_replicas(CONFIG.max_num_seqs)
+    deep = AdmissionSettings.for_replicas(CONFIG.max_num_seqs)  # the gateway's defaults: 256 queued, 30 s
+    short = AdmissionSettings.for_replicas(CONFIG.max_num_seqs, max_queue=32, max_wait=1.0)  # sized to the SLO
     runs = {"no admission control": request_level(w, topo),
-            "admission control": request_level(w, topo, admission=admission)}
+            "admission, queue 256 / 30 s": request_level(w, topo, admission=deep),
+            "admission, queue 32 / 1 s": request_level(w, topo, admission=short)}
     out = {"requests": len(w), "topology": topo.replicas, "runs": {}}
     plt = plots._pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
@@ -192,8 +194,9 @@ def japan_spike(replicas: int, rate: float) -> dict:
     plt.close(fig)
     plots.timeline(runs["no admission control"].timeline, IMG / "sim_japan_timeline.png",
                    "fixed fleet through the Japan spike, no admission control")
-    found = size_fleet(w, lambda t: request_level(w, t).log, SLO, target=0.99, start=replicas)
-    out["sizing"] = {"replicas": found.replicas, "tried": found.tried}
+    if size:
+        found = size_fleet(w, lambda t: request_level(w, t).log, SLO, target=0.99, start=replicas)
+        out["sizing"] = {"replicas": found.replicas, "tried": found.tried}
     return out
 
 
@@ -229,16 +232,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", type=int, nargs="*", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-sizing", action="store_true", help="part 3 without its fleet-size search")
     args = ap.parse_args()
     IMG.mkdir(parents=True, exist_ok=True)
     parts = {0: ("validation", validation), 1: ("kv_budget", kv_budget), 2: ("batch_size", batch_size),
-             3: ("japan_spike", lambda: japan_spike(10, 500)),
+             3: ("japan_spike", lambda: japan_spike(10, 500, not args.no_sizing)),
              4: ("routing", lambda: routing(300, 15000, 180))}
     out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
     for k, (name, fn) in parts.items():
         if args.only is None or k in args.only:
             t = time.time()
-            out[name] = fn()
+            out[name] = {**out.get(name, {}), **fn()}
             out[name]["wall_s"] = time.time() - t
             print(name, f"{out[name]['wall_s']:.0f} s")
     save_json(args.json, out)

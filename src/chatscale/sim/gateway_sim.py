@@ -3,8 +3,9 @@ simulated time for both fleets.
 
 One gateway per user region, as deployed: it offers its region's replicas to the routing policy
 (nearest region first; the next one when the pick would queue more than `spill_queue`), and, when
-admission control is on, forwards below saturation, queues above it (priority bands, fair share by
-key) and rejects with Retry-After when its queue is full or a ticket waited too long. Replica state
+admission control is on, forwards below saturation (some replica it routes to has room), queues
+above it (priority bands, fair share by key) and rejects with Retry-After when its queue is full or
+a ticket waited too long; it then spills only into regions with room. Replica state
 is exact (the simulator has no scrape lag), kept in the gateway's ReplicaState objects.
 
 At fleet scale a policy is offered `candidates` replicas per request: the ones the policy's prefix
@@ -79,6 +80,8 @@ class SimGateway:
         """The replica the policy picks for this request, or None if none is available."""
         req = RouteRequest(chain, tokens)
         order = self.order[user_region]
+        if self.settings is not None:  # with admission control, spill only where there is room
+            order = [g for g in order if self._room[g]] or order[:1]
         route = None
         for region in order:
             route = self.policy.choose(req, self._offer(region, chain), now) or route
@@ -94,6 +97,9 @@ class SimGateway:
 
     def _offer(self, region: int, chain: list[int]) -> list[ReplicaState]:
         pool = self.members[region]
+        if self.settings is not None:  # forward below saturation: only to replicas with room
+            limits = self.settings.limits
+            pool = [s for s in pool if has_room(s, limits)] or pool
         k = self.candidates
         if not k or len(pool) <= k:
             return pool
@@ -102,12 +108,14 @@ class SimGateway:
         if chain and isinstance(self.policy, CacheAffinity):
             holders = self.policy.index.matched(chain)
             offered += [s for s in (self.states[self.index[h]] for h in holders)
-                        if self._region_of[self.index[s.name]] == region]
+                        if self._region_of[self.index[s.name]] == region
+                        and (self.settings is None or has_room(s, self.settings.limits))]
         return offered
 
     # ---- admission ----------------------------------------------------------------------------
     def saturated(self, user_region: int) -> bool:
-        return not any(self._room[g] for g in self.order[user_region][:1])
+        """No replica the gateway routes to has room (admission.saturated over its replicas)."""
+        return not any(self._room[g] for g in self.order[user_region])
 
     def arrive(self, i: int, key: str, tokens: int, user_region: int, now: float) -> str:
         """"admit", "queue" or "reject" (always "admit" without admission control)."""
