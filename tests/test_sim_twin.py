@@ -88,10 +88,12 @@ def test_traces_and_gateway_log_load(tmp_path):
     rows = [{"timestamp": 100.0 + k, "prompt_tokens": 50 + 60 * k, "output_tokens": 10, "key": "k1",
              "region": "eu-west", "conversation": "c"} for k in range(3)]
     rows.append({"timestamp": 101.5, "prompt_tokens": 30, "output_tokens": 5, "key": "k2", "region": "us-east"})
+    rows.append({"timestamp": 103.0, "prompt_tokens": 30, "output_tokens": 5, "key": "k2", "region": "us-east",
+                 "conversation": None})
     log.write_text("\n".join(json.dumps(r) for r in rows))
     w = W.gateway_log(log)
-    assert w.regions == ["eu-west", "us-east"] and list(w.arrival) == [0, 1, 1.5, 2]
-    assert list(w.prefix) == [0, 60, 0, 120] and len(set(w.conv.tolist())) == 2
+    assert w.regions == ["eu-west", "us-east"] and list(w.arrival) == [0, 1, 1.5, 2, 3]
+    assert list(w.prefix) == [0, 60, 0, 120, 0] and len(set(w.conv.tolist())) == 3
 
 
 def test_japan_morning_spike_shows_in_its_region():

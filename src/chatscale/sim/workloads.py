@@ -130,14 +130,16 @@ def mooncake(path: Path | None = None) -> Workload:
 def gateway_log(path: Path) -> Workload:
     """A request log written by chatscale's gateway: JSON lines of
     `{"timestamp": unix s, "prompt_tokens", "output_tokens", "key", "region", "conversation"?,
-    "cached_tokens"?}`. A conversation's later turns share the prompt of its earlier ones."""
+    "cached_tokens"?}` (the gateway's --request-log writes these, the first prefix hash as the
+    conversation, null when none). A conversation's later turns share the prompt of its earlier ones."""
     rows = sorted((json.loads(line) for line in Path(path).open() if line.strip()), key=lambda r: r["timestamp"])
     regions = sorted({r.get("region", "local") for r in rows})
     convs: dict[str, int] = {}
     last: dict[int, int] = {}
     conv, prefix = [], []
     for i, r in enumerate(rows):
-        c = convs.setdefault(f'{r.get("key", "")}/{r.get("conversation", i)}', len(convs))
+        thread = r.get("conversation")
+        c = convs.setdefault(f'{r.get("key", "")}/{thread if thread is not None else f"#{i}"}', len(convs))
         conv.append(c)
         prefix.append(min(last.get(c, 0), r["prompt_tokens"] - 1))
         last[c] = r["prompt_tokens"] + r["output_tokens"]
