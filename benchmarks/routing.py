@@ -3,7 +3,8 @@
 One run, every timing under `flock /tmp/chatscale-bench.lock`:
 
   1. For each policy (cache-affinity, round-robin, least-outstanding): a fresh fleet of R
-     `chatscale serve` replicas (the shipped 13M demo model, one torch thread each; fresh so that no
+     `chatscale serve` replicas (the shipped 13M demo model, one torch thread and 256 MiB of KV each
+     (the default, a quarter of free memory each, kills a 4-replica fleet); fresh so that no
      policy inherits another's warm caches) behind `chatscale gateway`, then two workloads through
      `chatscale bench serve` with the same arrivals for every policy:
        chat:     multi-turn conversations (Poisson session starts, think time between turns; turn
@@ -63,9 +64,13 @@ def metric_sums(url: str, names: tuple[str, ...]) -> dict[str, dict[str, float]]
 @contextmanager
 def fleet(n: int, logs: Path):
     """n replicas started at once (each imports torch: slow, so in parallel), all healthy."""
-    ports = [free_port() for _ in range(n)]
+    ports: list[int] = []
+    while len(ports) < n:  # distinct, though each is only free when asked
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
     with ExitStack() as stack:
-        procs = [subprocess.Popen([*CLI, "serve", "--threads", "1", "--port", str(p)],
+        procs = [subprocess.Popen([*CLI, "serve", "--threads", "1", "--kv-cache-bytes", "256MiB", "--port", str(p)],
                                   stdout=(logs / f"replica-{p}.log").open("w"), stderr=subprocess.STDOUT)
                  for p in ports]
         stack.callback(lambda: [(p.terminate(), p.wait(30)) for p in procs])
@@ -74,7 +79,8 @@ def fleet(n: int, logs: Path):
         for url, proc in zip(urls, procs):
             while not _healthy(url):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"replica {url} did not start; see {logs}")
+                    log = (logs / f"replica-{url.rsplit(':', 1)[1]}.log").read_text()[-3000:]
+                    raise RuntimeError(f"replica {url} did not start (exit {proc.poll()}):\n{log}")
                 time.sleep(0.5)
         yield urls
 
