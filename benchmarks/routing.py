@@ -134,7 +134,8 @@ def measure(args, policy: str, logs: Path) -> dict:
             q = [sum(a[names[0]].values()) - sum(b[names[0]].values()) for a, b in zip(after, before)]
             h = [sum(a[names[1]].values()) - sum(b[names[1]].values()) for a, b in zip(after, before)]
             computed = [qi - hi for qi, hi in zip(q, h)]
-            routed = [v - routed_before.get(k, 0.0) for k, v in sorted(gw_metrics["chatscale_gateway:routed_total"].items())]
+            routed = [v - routed_before.get(k, 0.0)
+                      for k, v in sorted(gw_metrics["chatscale_gateway:routed_total"].items())]
             results[name] = {
                 "ttft_p50_ms": report["ttft_ms"]["p50"], "ttft_p99_ms": report["ttft_ms"]["p99"],
                 "req_per_s": report["request_throughput"], "tok_per_s": report["total_token_throughput"],

@@ -107,12 +107,15 @@ def test_token_weighted_share_and_idle_keys_bank_no_credit():
 def test_load_from_chatscale_vllm_and_sglang_metrics():
     from chatscale.gateway.fleet import parse_load
 
-    assert parse_load("# HELP x\nchatscale:kv_cache_usage_perc 0.25\nchatscale:num_requests_running 3\n"
-                      "chatscale:num_requests_waiting 1.0\nchatscale:load 9\n") == {"kv": 0.25, "running": 3, "waiting": 1}
+    ours = ("# HELP x\nchatscale:kv_cache_usage_perc 0.25\nchatscale:num_requests_running 3\n"
+            "chatscale:num_requests_waiting 1.0\nchatscale:load 9\n")
+    assert parse_load(ours) == {"kv": 0.25, "running": 3, "waiting": 1}
     vllm = ('vllm:gpu_cache_usage_perc{model_name="m",engine="0"} 0.5\n'
-            'vllm:num_requests_running{model_name="m",engine="0"} 2\nvllm:num_requests_running{model_name="m",engine="1"} 3\n')
+            'vllm:num_requests_running{model_name="m",engine="0"} 2\n'
+            'vllm:num_requests_running{model_name="m",engine="1"} 3\n')
     assert parse_load(vllm) == {"kv": 0.5, "running": 5}
-    assert parse_load('sglang:token_usage{name="a b"} 0.1\nsglang:num_queue_reqs{x="1"} 7\n') == {"kv": 0.1, "waiting": 7}
+    sglang = 'sglang:token_usage{name="a b"} 0.1\nsglang:num_queue_reqs{x="1"} 7\n'
+    assert parse_load(sglang) == {"kv": 0.1, "waiting": 7}
 
 
 def test_config_parses_regions_keys_and_rejects_mistakes():

@@ -6,8 +6,8 @@ priority/fair-share queue, or 429 "We are at capacity" + Retry-After) -> routing
 An attempt that fails before the replica's first token (refused, reset, 5xx, 429/503, a stream
 that breaks after only its role chunk, which is held back) is re-routed up to max_retries times, so
 a replica dying under load loses no request that had not started streaming; one that breaks after
-it ends with an OpenAI error event and [DONE], never with repeated tokens. Only whole SSE events are forwarded, so that error event can never land in the
-middle of a half-sent one.
+it ends with an OpenAI error event and [DONE], never with repeated tokens. Only whole SSE events
+are forwarded, so that error event can never land in the middle of a half-sent one.
 """
 
 from __future__ import annotations
