@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save_json  # noqa: E402
 
 from chatscale.engine.llm import LLM  # noqa: E402
+from chatscale.engine.runner import weight_bytes  # noqa: E402
 from chatscale.engine.sampling_params import SamplingParams  # noqa: E402
 from chatscale.models.demo import demo_model_path  # noqa: E402
 from chatscale.planner.hardware import measure_this_machine  # noqa: E402
@@ -138,11 +139,10 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     workloads = build_workloads(plain, args.output)
     policy = engines["draft"].engine.spec_policy
-    weight_bytes = sum(p.numel() * p.element_size() for p in plain.engine.model.parameters())
     report = dict(command=" ".join(sys.argv), hardware=hw.name, bandwidth_gb_s=hw.memory_bandwidth / 1e9,
                   bf16_tflop_s=hw.bf16_flops / 1e12, ridge_tokens=policy.ridge_tokens,
                   policy_largest_batch=policy.largest_batch(policy.PRIOR_ACCEPTANCE),
-                  roofline_batch1_tok_s=hw.memory_bandwidth / weight_bytes, results={})
+                  roofline_batch1_tok_s=hw.memory_bandwidth / weight_bytes(plain.engine.model), results={})
     for name, prompts in workloads.items():
         chosen = engines if name == "chat" else {k: engines[k] for k in ("plain", "ngram")}
         report["results"][name] = measure(chosen, prompts, batches, args.output, args.repeats)

@@ -21,7 +21,7 @@ from chatscale.engine.detokenizer import IncrementalDetokenizer
 from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from chatscale.engine.kv_tier import HostTier
-from chatscale.engine.runner import ModelRunner, Work, kv_bytes_per_block, works_for
+from chatscale.engine.runner import ModelRunner, Work, kv_bytes_per_block, weight_bytes, works_for
 from chatscale.engine.tier_costs import TierCosts, measure_tier_costs
 from chatscale.engine.sampler import Sampler
 from chatscale.engine.sampling_params import SamplingParams
@@ -127,17 +127,19 @@ class LLMEngine:
                 raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
                                  f"target's ({self.vocab_size}); a draft must share the target's tokenizer")
             self.proposer = DraftModelProposer(ModelRunner(draft, cfg, self.runner.num_blocks), self.sampler)
-            draft_ratio = _weight_bytes(draft) / _weight_bytes(self.model)
+            draft_ratio = weight_bytes(draft) / weight_bytes(self.model)
         ridge_tokens = 0.0
         if cfg.speculative_max_batch is None:
-            from chatscale.planner.hardware import measure_this_machine
+            # The same peaks the metrics divide by: measured once per process, or a GPU's datasheet.
+            from chatscale.device_peaks import PLANNER_DTYPES, device_peaks
 
-            hw = measure_this_machine(0.5, str(self.runner.device))
-            itemsize = self.model.embed.element_size()
-            ridge_tokens = hw.ridge_point("fp32" if itemsize == 4 else "bf16") * itemsize / 2
+            dtype = self.model.embed.dtype
+            ridge = device_peaks(self.runner.device).ridge_point(PLANNER_DTYPES[dtype])
+            ridge_tokens = ridge * self.model.embed.element_size() / 2
         self.spec_policy = SpecPolicy(cfg.num_speculative_tokens, ridge_tokens, draft_ratio,
                                       cfg.speculative_max_batch)
         self.spec_stats = SpecDecodeStats()
+        self.scheduler.lookahead = self._lookahead
         log.info("speculative decoding with %s, %d tokens; pays up to batch %d by the roofline (ridge %.1f tokens)",
                  cfg.speculative_model, cfg.num_speculative_tokens,
                  self.spec_policy.largest_batch(SpecPolicy.PRIOR_ACCEPTANCE), ridge_tokens)
@@ -251,9 +253,7 @@ class LLMEngine:
 
     # ---- the step loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.spec_policy is not None:
-            self._spec_batch = max(len(self.scheduler.running), 1)
-            self.scheduler.lookahead = self._lookahead
+        self._spec_batch = max(len(self.scheduler.running), 1)  # what speculation's roofline sees
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self.runner.apply_copies(plan.copies)
@@ -262,21 +262,23 @@ class LLMEngine:
         works = works_for(plan.scheduled)
         proposals = self.proposer.propose(plan.lookahead) if plan.lookahead else {}
         for w in works:
-            if proposals.get(w.seq) and proposals[w.seq].tokens:
-                w.ids = w.ids + proposals[w.seq].tokens
+            proposal = proposals.get(w.seq)
+            if proposal is not None and proposal.tokens:
+                w.ids = w.ids + proposal.tokens
                 w.num_logits = len(w.ids)
         chunks = [(w.start, len(w.ids)) for w in works]
+        num_tokens = sum(n for _, n in chunks)
         logits = self.runner.run(works, plan.copies)
         for seq, _ in plan.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
         self.scheduler.advance(plan)
-        self.total_scheduled_tokens += sum(n for _, n in chunks)
+        self.total_scheduled_tokens += num_tokens
         new_tokens = self._sample(works, logits, proposals)
         now = time.monotonic()
         self.last_step = StepStats(
             num_seqs=len(plan.scheduled),
-            num_tokens=sum(n for _, n in chunks),
+            num_tokens=num_tokens,
             num_prefill_tokens=sum(n for _, n in plan.scheduled if n > 1),
             duration_s=now - start,
             chunks=chunks,
@@ -367,7 +369,3 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished,
                              min(s.num_cached_tokens for s in req.seqs), m, step_time=now)
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -51,6 +51,11 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * block_size
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a forward pass reads (tied embeddings counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
     if config.kv_cache_bytes is not None:
         return config.kv_cache_bytes
