@@ -43,7 +43,7 @@ def get_vocab_base_pre(self, tokenizer):
         return "gpt-2"
 base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 import convert_hf_to_gguf
-sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outtype", "bf16", "--outfile", {out!r}]
+sys.argv = ["convert_hf_to_gguf.py", {model!r}, "--outtype", {outtype!r}, "--outfile", {out!r}]
 convert_hf_to_gguf.main()
 """
 
@@ -82,12 +82,12 @@ def weights_digest(model: Path) -> str:
     return hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
-def to_gguf(model: Path, llama_dir: Path, out: Path) -> Path:
-    """The checkpoint as a bf16 GGUF, converted once (`out` names the weights' digest)."""
+def to_gguf(model: Path, llama_dir: Path, out: Path, outtype: str = "bf16") -> Path:
+    """The checkpoint as a GGUF of `outtype` (f32, bf16), converted once (`out` names the weights' digest)."""
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    code = CONVERT.format(llama=str(llama_dir), model=str(model), out=str(out))
+    code = CONVERT.format(llama=str(llama_dir), model=str(model), out=str(out), outtype=outtype)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=llama_dir)
     return out
 
@@ -203,6 +203,8 @@ def main() -> int:
                         "tokenizer covers its whole vocabulary (ids past it stream as empty text, untimeable)")
     p.add_argument("--llama-dir", type=Path, default=LLAMA_DIR, help="llama.cpp source with its build/")
     p.add_argument("--gguf", type=Path, default=None, help="default: converted into --llama-dir/models/")
+    p.add_argument("--outtype", default="bf16", choices=["f32", "bf16"],
+                   help="the GGUF's weight type when converting the checkpoint for llama.cpp")
     p.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-user", type=int, default=4)
     p.add_argument("--input-len", type=int, default=128)
@@ -219,10 +221,10 @@ def main() -> int:
     args.model = Path(args.model).resolve()
     args.llama_server = args.llama_dir / "build" / "bin" / "llama-server"
     if not args.llama_server.is_file():
-        raise SystemExit(f"{args.llama_server} missing: build llama.cpp as ../shared/PEERS.md says")
+        raise SystemExit(f"{args.llama_server} missing: build llama.cpp as docs/benchmarks.md says")
     weights = weights_digest(args.model)
-    args.gguf = args.gguf or args.llama_dir / "models" / f"{args.model.name}-{weights}-bf16.gguf"
-    to_gguf(args.model, args.llama_dir, args.gguf)
+    args.gguf = args.gguf or args.llama_dir / "models" / f"{args.model.name}-{weights}-{args.outtype}.gguf"
+    to_gguf(args.model, args.llama_dir, args.gguf, args.outtype)
     tpw = tokens_per_word(args.model)
     roofline = measure_roofline()
     print(f"model {args.model} (weights {weights}; {args.gguf.name} for llama.cpp); {roofline['name']}: "

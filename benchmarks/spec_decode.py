@@ -138,7 +138,7 @@ def main() -> None:
     }
     batches = [int(b) for b in args.batches.split(",")]
     workloads = build_workloads(plain, args.output)
-    policy = engines["draft"].engine.spec_policy
+    policy = engines["draft"].engine.core.spec_policy
     report = dict(command=" ".join(sys.argv), hardware=hw.name, bandwidth_gb_s=hw.memory_bandwidth / 1e9,
                   bf16_tflop_s=hw.bf16_flops / 1e12, ridge_tokens=policy.ridge_tokens,
                   policy_largest_batch=policy.largest_batch(policy.PRIOR_ACCEPTANCE),

@@ -22,6 +22,7 @@ MODEL = "tiny"
 
 
 def make_engine(path: Path, num_blocks: int = 256, **config) -> AsyncEngine:
+    """An engine process on `path` (`executor="fault_executors:SlowExecutor"` etc. for fault tests)."""
     # One torch thread: on a small shared machine, two spinning threads make a step 50x slower.
     return AsyncEngine.from_config(EngineConfig(model=str(path), threads=1, **config), num_blocks=num_blocks)
 
@@ -63,10 +64,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 def engine_idle(engine: AsyncEngine) -> bool:
-    """No request anywhere in the engine and every KV block back in the pool."""
-    core = engine.engine
-    return (core.num_running == 0 and core.num_waiting == 0 and not core.has_unfinished_requests()
-            and core.kv.num_used_blocks == 0 and engine.num_unfinished == 0)
+    """No request anywhere in the engine process and every KV block back in the pool, as its
+    latest snapshot says (the engine sends one after every step and every batch of commands)."""
+    snap = engine.snapshot
+    return (snap.num_running == 0 and snap.num_waiting == 0 and snap.num_requests == 0
+            and snap.num_used_blocks == 0 and engine.num_unfinished == 0 and not engine.outputs.requests)
 
 
 def sse_events(lines: Iterator[str]) -> list[dict | str]:

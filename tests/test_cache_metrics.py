@@ -78,9 +78,8 @@ def test_evictions_recomputes_and_tier_moves_are_counted(checkpoint, second_tier
     """Eight pages: B pushes A's tail pages out; when A comes back, its second page is recomputed
     (counted as recomputed) or restored from the second tier (counted as a restore)."""
     engine = make_engine(checkpoint("llama"), num_blocks=8, kv_host_bytes=(1 << 20) if second_tier else 0)
-    stats = engine.engine.kv.stats
     if second_tier:
-        assert engine.engine.kv.tier is not None, f"the second tier did not pay: {engine.engine.tier_report}"
+        assert engine.info.kv_tier_pages > 0, "the second tier did not pay"
     try:
         with running(api(engine)) as url, httpx.Client(base_url=url, timeout=60) as client:
             first, other, again = complete(client, A), complete(client, B), complete(client, A, stream=True)
@@ -93,6 +92,7 @@ def test_evictions_recomputes_and_tier_moves_are_counted(checkpoint, second_tier
     assert m["prefix_cache_hits_total"] == cached(again)
     assert m["prefix_cache_recomputed_tokens_total"] == (0 if second_tier else PAGE)
     assert m["kv_tier_restores_total"] == (1 if second_tier else 0)
-    assert m["kv_cache_evictions_total"] == stats.evictions >= 2  # at least A's two tail pages
-    assert m["kv_tier_stores_total"] == (stats.evictions if second_tier else 0)
+    evictions = m["kv_cache_evictions_total"]
+    assert evictions >= 2  # at least A's two tail pages
+    assert m["kv_tier_stores_total"] == (evictions if second_tier else 0)
     assert second == m

@@ -7,8 +7,11 @@ import asyncio
 import pytest
 import torch
 
+from server_utils import engine_idle, wait_until
+
 from chatscale.engine.async_engine import AsyncEngine
-from chatscale.engine.engine import ContextLengthError, InvalidRequestError
+from chatscale.engine.config import EngineConfig
+from chatscale.engine.errors import ContextLengthError, InvalidRequestError
 from chatscale.engine.llm import LLM
 from chatscale.engine.sampling_params import SamplingParams
 
@@ -32,7 +35,7 @@ def test_abort_frees_blocks_in_every_state(llm):
     queued = e.add_request([7] * 10, LONG)  # max_num_seqs=2 keeps it waiting
     e.step()
     e.step()
-    seqs = {r: e.requests[r].seqs[0] for r in (decoding, prefilling, queued)}
+    seqs = {r: e.core.requests[r][0] for r in (decoding, prefilling, queued)}
     assert seqs[decoding].num_output_tokens >= 1
     assert 0 < seqs[prefilling].num_computed_tokens < 40
     assert seqs[queued].status.value == "waiting"
@@ -96,7 +99,7 @@ def test_extreme_but_valid_sampling_values_do_not_break_the_step(llm):
 
 
 def test_async_engine_serves_many_callers_and_cancellation_frees_blocks(checkpoint):
-    engine = AsyncEngine(LLM(str(checkpoint("llama")), num_blocks=128, block_size=4).engine)
+    engine = AsyncEngine(EngineConfig(str(checkpoint("llama")), block_size=4, threads=1), num_blocks=128)
     ref = LLM(str(checkpoint("llama")), num_blocks=128, block_size=4)
 
     async def collect(prompt):
@@ -125,18 +128,13 @@ def test_async_engine_serves_many_callers_and_cancellation_frees_blocks(checkpoi
         expected = [o.outputs[0].text for o in ref.generate(prompts, SamplingParams(temperature=0, max_tokens=10,
                                                                                     ignore_eos=True))]
         assert texts == expected
-        for _ in range(50):  # the abort is applied by the loop thread
-            if not engine.engine.has_unfinished_requests():
-                break
-            asyncio.run(asyncio.sleep(0.05))
-        kv = engine.engine.kv
-        assert not engine.engine.has_unfinished_requests() and kv.num_free_blocks == kv.num_blocks
+        assert wait_until(lambda: engine_idle(engine)), engine.snapshot  # the abort reaches the engine process
     finally:
         engine.shutdown()
 
 
 def test_async_engine_rejects_bad_requests_in_the_caller(checkpoint):
-    engine = AsyncEngine(LLM(str(checkpoint("llama")), num_blocks=16, block_size=4).engine)
+    engine = AsyncEngine(EngineConfig(str(checkpoint("llama")), block_size=4, threads=1), num_blocks=16)
 
     async def main():
         async for _ in engine.generate([1] * 600, SamplingParams(max_tokens=1)):

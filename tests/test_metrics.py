@@ -59,7 +59,7 @@ def test_step_flops_and_bytes_are_the_analytic_count_of_the_model(checkpoint, ar
     Bytes: every weight read once (untouched experts not at all), KV read for all, written for new."""
     core = engine(checkpoint, arch)
     metrics = Metrics(MODEL)
-    metrics.attach(core)
+    metrics.attach(core.info, core.step_listeners)
     steps = []
     core.step_listeners.append(steps.append)
     core.add_request(list(range(10, 50)), greedy(5))
@@ -103,10 +103,10 @@ def test_step_flops_and_bytes_are_the_analytic_count_of_the_model(checkpoint, ar
 def test_intensity_mfu_and_mbu_divide_by_the_measured_peaks(checkpoint):
     core = engine(checkpoint)
     metrics = Metrics(MODEL)
-    metrics.attach(core)
+    metrics.attach(core.info, core.step_listeners)
     core.add_request(list(range(10, 50)), greedy(8))
     run(core)
-    metrics.observe_engine(core)
+    metrics.observe_engine(core.snapshot(), core.info.max_num_seqs)
     m = values(metrics)
     assert m["peak_flops"] > 0 and m["peak_memory_bandwidth"] > 0
     assert m["ridge_point"] == pytest.approx(m["peak_flops"] / m["peak_memory_bandwidth"])
@@ -119,18 +119,18 @@ def test_kv_usage_is_live_pages_over_all_and_cached_pages_are_split_out(checkpoi
     """With max_num_seqs=2 and three requests, one waits: load = 1 (sequence slots full) + 1/2."""
     core = engine(checkpoint, max_num_seqs=2)
     metrics = Metrics(MODEL)
-    metrics.attach(core)
+    metrics.attach(core.info, core.step_listeners)
     core.add_request(list(range(10, 50)), greedy(3))  # 40 tokens: 3 pages
     core.add_request(list(range(100, 120)), greedy(3))  # 20 tokens: 2 pages
     core.add_request(list(range(200, 210)), greedy(3))  # waits for a sequence slot
     core.step()
-    metrics.observe_engine(core)
+    metrics.observe_engine(core.snapshot(), core.info.max_num_seqs)
     m = values(metrics)
     assert m["kv_cache_usage_perc"] == 5 / 64 and m["kv_cache_cached_perc"] == 0
     assert m["num_requests_running"] == 2 and m["num_requests_waiting"] == 1
     assert m["load"] == 1 + 1 / 2
     run(core)
-    metrics.observe_engine(core)
+    metrics.observe_engine(core.snapshot(), core.info.max_num_seqs)
     m = values(metrics)
     # Finished: 40 + 2 computed tokens fill 2 pages, 20 + 2 fill 1, 10 + 2 none; those stay cached.
     assert m["kv_cache_usage_perc"] == 0 and m["kv_cache_cached_perc"] == 3 / 64
@@ -139,7 +139,7 @@ def test_kv_usage_is_live_pages_over_all_and_cached_pages_are_split_out(checkpoi
     # The first prompt again: its two cached pages are reused (now live), its last 8 tokens computed.
     core.add_request(list(range(10, 50)), greedy(1))
     core.step()
-    metrics.observe_engine(core)
+    metrics.observe_engine(core.snapshot(), core.info.max_num_seqs)
     m = values(metrics)
     assert m["prefix_cache_queries_total"] == 110 and m["prefix_cache_hits_total"] == 2 * PAGE
     assert m["kv_cache_usage_perc"] == 0 and m["kv_cache_cached_perc"] == 3 / 64  # finished in one step
@@ -150,11 +150,11 @@ def test_preemptions_and_speculative_decoding_totals_are_the_engines(checkpoint)
     """A repetitive prompt with n-gram speculation on: the counters are the engine's own totals."""
     core = engine(checkpoint, speculative_model="ngram", speculative_max_batch=8)
     metrics = Metrics(MODEL)
-    metrics.attach(core)
+    metrics.attach(core.info, core.step_listeners)
     core.add_request([5, 6, 7, 8] * 10, greedy(16))
     run(core)
     core.scheduler.num_preemptions = 3
-    metrics.observe_engine(core)
+    metrics.observe_engine(core.snapshot(), core.info.max_num_seqs)
     m = values(metrics)
     spec = core.spec_stats
     assert spec.drafts > 0

@@ -27,7 +27,7 @@ def test_top_reads_each_server_and_says_which_cannot_be_read(checkpoint):
         with running(api(engine)) as url:
             body = {"model": MODEL, "prompt": list(range(5, 53)), "max_tokens": 4, "temperature": 0, "ignore_eos": True}
             httpx.post(url + "/v1/completions", json=body, timeout=60).raise_for_status()
-            cached = engine.engine.kv.num_cached_free_blocks  # the 48-token prompt's 3 full pages
+            cached = engine.snapshot.num_cached_free_blocks  # the 48-token prompt's 3 full pages
             load = threading.Thread(target=keep_busy, args=(url, stop), daemon=True)
             load.start()
             dead = f"http://127.0.0.1:{free_port()}"

@@ -81,7 +81,7 @@ def admit(sched: Scheduler, tokens: list[int], salt=None) -> Sequence:
     seq = Sequence("r", tokens, SamplingParams(max_tokens=1), cache_salt=salt)
     sched.add(seq)
     out = sched.schedule()
-    sched.advance(out)
+    sched.update_from_output(out, {}, 0.0, 0.0)  # computed, nothing sampled yet
     assert seq.num_computed_tokens == seq.num_tokens
     return seq
 
@@ -163,3 +163,18 @@ def test_host_tier_is_lru_and_verifies_entries():
     assert tier.store("e", (9,), None) != slot
     tier.release()  # ... until this step's copies have been handed over
     assert tier.store("f", (1,), None) == slot
+
+
+def test_a_stop_strings_overshoot_never_joins_the_prefix_cache():
+    """A choice a stop string ended after 10 of its 14 computed tokens: the pages holding tokens
+    past the 10th leave the cache; the pages before stay, for the conversation's next turn."""
+    kv = KVCacheManager(16, 4)
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
+    seq = Sequence("r", list(range(1, 15)), SamplingParams(max_tokens=8))
+    sched.add(seq)
+    sched.update_from_output(sched.schedule(), {}, 0.0, 0.0)  # 14 tokens computed: 3 full pages named
+    assert kv.num_cached_free_blocks == 0 and len(kv._cached) == 3
+    sched.finish(seq, "stop", keep_tokens=10)
+    assert len(kv._cached) == 2  # pages [0, 4) and [4, 8); [8, 12) held the overshoot
+    again = Sequence("r2", list(range(1, 15)), SamplingParams(max_tokens=1))
+    assert kv.allocate_prefix(again, 64) == 14 - 8

@@ -42,18 +42,11 @@ def step(sched: Scheduler) -> list[Sequence]:
         assert kind in ("out", "in") and 0 <= block < sched.kv.num_blocks
         assert 0 <= slot < sched.kv.tier.num_slots
     assert len({id(s) for s, _ in out.scheduled}) == len(out.scheduled)
-    finished = []
     for seq, n in out.scheduled:
         assert n >= 1 and seq.status is SequenceStatus.RUNNING
         assert len(seq.block_table) * sched.kv.block_size >= seq.num_computed_tokens + n
-    sched.advance(out)
-    for seq, n in out.scheduled:
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.append_token(7)
-            if seq.num_output_tokens >= seq.params.max_tokens:
-                sched.finish(seq, "length")
-                finished.append(seq)
-    return finished
+    appended = sched.update_from_output(out, {seq: [7] for seq in out.sampled}, 0.0, 0.0)
+    return [seq for seq, _ in appended if seq.is_finished]
 
 
 # prompt length, max_tokens, arrival step, prompt family (same family: a shared prefix)
@@ -117,10 +110,7 @@ def test_decodes_keep_flowing_while_a_long_prompt_is_chunked():
         out = sched.schedule()
         sizes = {s.request_id: n for s, n in out.scheduled}
         assert sizes["short"] == 1 and sizes["long"] == 15  # decode first, the chunk fills the rest
-        sched.advance(out)
-        for seq, _ in out.scheduled:
-            if seq.num_computed_tokens == seq.num_tokens:
-                seq.append_token(7)
+        sched.update_from_output(out, {seq: [7] for seq in out.sampled}, 0.0, 0.0)
 
 
 def test_preemption_takes_the_newest_and_requeues_it_first():

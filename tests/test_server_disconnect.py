@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -19,39 +18,34 @@ BODY = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_t
 @pytest.fixture()
 def slow_engine(checkpoint):
     """One sequence at a time, 20 ms a step: requests queue, and a stream lasts seconds, not ms."""
-    engine = make_engine(checkpoint("llama"), num_blocks=64, max_num_seqs=1)
-    step = engine.engine.step
-
-    def slow_step():
-        time.sleep(0.02)
-        return step()
-
-    engine.engine.step = slow_step
+    engine = make_engine(checkpoint("llama"), num_blocks=64, max_num_seqs=1, executor="fault_executors:SlowExecutor")
     yield engine
     engine.shutdown()
 
 
 def test_dropped_clients_abort_their_requests_and_free_kv_blocks(slow_engine):
-    core = slow_engine.engine
+    def snap():  # the engine process's load, as of its last step or command
+        return slow_engine.snapshot
+
     app = api(slow_engine)
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as running_client, \
             httpx.Client(base_url=url, timeout=30) as queued_client:
         with running_client.stream("POST", "/v1/chat/completions", json={**BODY, "stream": True}) as streaming:
             events = (line for line in streaming.iter_lines() if line.startswith("data: "))
-            assert [next(events) for _ in range(3)] and core.kv.usage > 0
+            assert [next(events) for _ in range(3)] and snap().kv_usage > 0
             with queued_client.stream("POST", "/v1/chat/completions", json={**BODY, "stream": True}) as queued:
                 queued_lines = queued.iter_lines()  # kept: dropping the iterator drops the connection
                 assert next(queued_lines)  # its role chunk is out; the engine holds it waiting
-                assert wait_until(lambda: core.num_waiting == 1)
+                assert wait_until(lambda: snap().num_waiting == 1)
                 # a non-streamed request that gives up after a second, also while queued
                 outcome: list[BaseException] = []
                 gave_up = threading.Thread(target=_post_and_give_up, args=(url, outcome))
                 gave_up.start()
-                assert wait_until(lambda: core.num_waiting == 2)
+                assert wait_until(lambda: snap().num_waiting == 2)
             gave_up.join()
             assert isinstance(outcome[0], httpx.ReadTimeout)
-            assert wait_until(lambda: core.num_waiting == 0), "queued requests were not aborted"
-            assert core.num_running == 1 and next(events)  # the first one is still streaming
+            assert wait_until(lambda: snap().num_waiting == 0), "queued requests were not aborted"
+            assert snap().num_running == 1 and next(events)  # the first one is still streaming
         assert wait_until(lambda: engine_idle(slow_engine)), "the mid-stream drop was not aborted"
         assert wait_until(lambda: app.state.server.in_flight == 0)
         r = running_client.post("/v1/chat/completions", json={**BODY, "max_tokens": 3})

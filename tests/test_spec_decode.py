@@ -170,6 +170,6 @@ def test_engine_turns_speculation_off_for_a_large_batch(pair):
     5-token verify pass is memory-bound: no proposals are made."""
     target, draft = pair
     llm = LLM(str(target), threads=1, num_blocks=256, speculative_model=str(draft))
-    assert not llm.engine.spec_policy.pays(64, 1.0)
+    assert not llm.engine.core.spec_policy.pays(64, 1.0)
     llm.generate(["hi"] * 64, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert llm.engine.spec_stats.drafts == 0

@@ -5,9 +5,10 @@ Names follow vLLM's with a `chatscale:` prefix (`vllm:num_requests_running` ->
 Load is KV-cache usage plus batch size, efficiency is arithmetic intensity against the ridge point
 (ARCHITECTURE lesson 3), so those come first.
 
-Three feeds: the engine's state and running totals are read at scrape time (`observe_engine`);
-every engine step is observed on the engine's thread (`observe_step`, a step listener); every
-request output is observed by the server as it arrives (`observe_output`).
+Three feeds, all messages from the engine process (nothing is read off a shared object): the
+engine's load and running totals as of its last step (`observe_engine`, an EngineSnapshot, read at
+scrape time); every engine step's stats (`observe_step`, a step listener); every request output,
+observed by the server as it arrives (`observe_output`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from chatscale.device_peaks import PLANNER_DTYPES, device_peaks
 from chatscale.planner.catalog import Model, from_hf_config
 from chatscale.planner.hardware import Hardware
 from chatscale.step_work import step_work
 
 if TYPE_CHECKING:
-    from chatscale.engine.engine import LLMEngine, StepStats
+    from chatscale.engine.messages import EngineInfo, EngineSnapshot, StepStats
     from chatscale.engine.outputs import RequestOutput
 
 PREFIX = "chatscale:"
@@ -69,26 +69,27 @@ class Metrics:
         self.load = gauge("load", "max(kv_cache_usage_perc, running / max_num_seqs) + waiting / max_num_seqs: "
                                   "1 means the next request waits.")
         # ---- running totals the engine keeps; each scrape adds what they grew by (counters only grow)
-        self._mirrors: list[tuple[Counter, Callable[[LLMEngine], int | None]]] = []
+        self._mirrors: list[tuple[Counter, Callable[[EngineSnapshot], int | None]]] = []
 
-        def mirror(name: str, doc: str, read: Callable[[LLMEngine], int | None]) -> None:
+        def mirror(name: str, doc: str, read: Callable[[EngineSnapshot], int | None]) -> None:
             self._mirrors.append((counter(name, doc), read))
 
-        mirror("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", lambda e: e.kv.stats.queries)
+        mirror("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+               lambda e: e.prefix_cache_queries)
         mirror("prefix_cache_hits", "Prompt tokens served from the prefix cache (either tier).",
-               lambda e: e.kv.stats.hits)
+               lambda e: e.prefix_cache_hits)
         mirror("prefix_cache_recomputed_tokens", "Prompt tokens computed before, evicted, and computed again.",
-               lambda e: e.kv.stats.recomputed)
-        mirror("kv_cache_evictions", "Cached KV pages evicted to make room.", lambda e: e.kv.stats.evictions)
-        mirror("kv_tier_stores", "Evicted KV pages copied to the second tier.", lambda e: e.kv.stats.tier_stores)
+               lambda e: e.prefix_cache_recomputed)
+        mirror("kv_cache_evictions", "Cached KV pages evicted to make room.", lambda e: e.kv_cache_evictions)
+        mirror("kv_tier_stores", "Evicted KV pages copied to the second tier.", lambda e: e.kv_tier_stores)
         mirror("kv_tier_restores", "KV pages restored from the second tier, not recomputed.",
-               lambda e: e.kv.stats.tier_restores)
+               lambda e: e.kv_tier_restores)
         mirror("num_preemptions", "Sequences preempted (pages dropped, recomputed later).",
-               lambda e: e.scheduler.num_preemptions)
+               lambda e: e.num_preemptions)
         for field, doc in (("drafts", "Speculative-decoding draft runs."),
                            ("draft_tokens", "Tokens proposed by the draft model."),
                            ("accepted_tokens", "Draft tokens the target model accepted.")):
-            mirror(f"spec_decode_num_{field}", doc, lambda e, f=field: _spec_total(e, f))
+            mirror(f"spec_decode_num_{field}", doc, lambda e, f=field: getattr(e, f"spec_{f}"))
         self.spec_decode_mean_acceptance_length = gauge(
             "spec_decode_mean_acceptance_length", "Tokens per target pass while speculating: 1 + accepted / drafts.")
         self._seen = [0] * len(self._mirrors)
@@ -133,15 +134,16 @@ class Metrics:
         self.peaks: Hardware | None = None
 
     # ---- wiring ---------------------------------------------------------------------------------
-    def attach(self, engine: LLMEngine) -> None:
-        """Start observing `engine`'s steps and set the device's peaks (measured once on a CPU)."""
-        self._shape = from_hf_config(engine.model.cfg.raw)
-        self._dtype = PLANNER_DTYPES[engine.model.embed.dtype]
-        self.peaks = hw = device_peaks(engine.runner.device)
+    def attach(self, info: EngineInfo, step_listeners: list[Callable[[StepStats], None]]) -> None:
+        """Start observing an engine's steps, with its model's shape and its device's peaks (which
+        the engine measured once on a CPU, or took from a GPU's datasheet)."""
+        self._shape = from_hf_config(info.model_config)
+        self._dtype = info.dtype
+        self.peaks = hw = info.peaks
         self.peak_flops.set(hw.flops(self._dtype))
         self.peak_memory_bandwidth.set(hw.memory_bandwidth)
         self.ridge_point.set(hw.ridge_point(self._dtype))
-        engine.step_listeners.append(self.observe_step)
+        step_listeners.append(self.observe_step)
 
     # ---- feeds ----------------------------------------------------------------------------------
     def observe_step(self, step: StepStats) -> None:
@@ -160,22 +162,20 @@ class Metrics:
             self._recent.append((time.monotonic(), work.flops, work.bytes, step.duration_s))
             self._forget_old_steps()
 
-    def observe_engine(self, engine: LLMEngine) -> None:
-        running, waiting, slots = engine.num_running, engine.num_waiting, engine.scheduler.max_num_seqs
-        kv = engine.kv
+    def observe_engine(self, snap: EngineSnapshot, max_num_seqs: int) -> None:
+        running, waiting = snap.num_running, snap.num_waiting
         self.num_requests_running.set(running)
         self.num_requests_waiting.set(waiting)
-        self.kv_cache_usage_perc.set(kv.usage)
-        self.kv_cache_cached_perc.set(kv.num_cached_free_blocks / kv.num_blocks)
-        self.load.set(max(kv.usage, running / slots) + waiting / slots)
+        self.kv_cache_usage_perc.set(snap.kv_usage)
+        self.kv_cache_cached_perc.set(snap.num_cached_free_blocks / snap.num_blocks)
+        self.load.set(max(snap.kv_usage, running / max_num_seqs) + waiting / max_num_seqs)
         for i, (metric, read) in enumerate(self._mirrors):
-            total = read(engine)
+            total = read(snap)
             if total is not None:
                 metric.inc(total - self._seen[i])
                 self._seen[i] = total
-        spec = getattr(engine, "spec_stats", None)
-        if spec is not None and spec.drafts:
-            self.spec_decode_mean_acceptance_length.set(spec.mean_acceptance_length)
+        if snap.spec_drafts:
+            self.spec_decode_mean_acceptance_length.set(1 + snap.spec_accepted_tokens / snap.spec_drafts)
         self._observe_window()
 
     def _forget_old_steps(self) -> None:
@@ -212,8 +212,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _spec_total(engine: LLMEngine, field: str) -> int | None:
-    spec = getattr(engine, "spec_stats", None)
-    return None if spec is None else getattr(spec, field)

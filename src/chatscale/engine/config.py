@@ -35,6 +35,8 @@ class EngineConfig:
     ngram_prompt_lookup_min: int = 1
     speculative_max_batch: int | None = None  # None: the roofline decides per step
     seed: int = 0
+    executor: str = "inprocess"  # what runs the model: "inprocess", or "package.module:Class"
+    max_failed_steps: int = 3  # consecutive failed steps after which the engine is declared dead
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -77,6 +79,11 @@ class EngineConfig:
                        help="speculate only up to this many running sequences (default: where the "
                             "roofline says it pays, measured at start-up)")
         p.add_argument("--seed", type=int, default=d["seed"].default)
+        p.add_argument("--executor", default=d["executor"].default,
+                       help="what runs the model: 'inprocess' (one device) or 'package.module:Class'")
+        p.add_argument("--max-failed-steps", type=int, default=d["max_failed_steps"].default,
+                       help="consecutive failed engine steps (each fails only its requests) before the "
+                            "engine is declared dead and /health turns 503")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":

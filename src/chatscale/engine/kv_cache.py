@@ -271,12 +271,18 @@ class KVCacheManager:
         while len(seq.block_table) > keep:
             self._release(self.blocks[seq.block_table.pop()])
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Sequence, keep_tokens: int | None = None) -> None:
         """Release every page of `seq` at once (finished, aborted or preempted).
 
-        Pages are released tail first, so the head of the chain outlives its tail in the LRU."""
-        for block_id in reversed(seq.block_table):
-            self._release(self.blocks[block_id])
+        Pages are released tail first, so the head of the chain outlives its tail in the LRU. Pages
+        holding tokens past `keep_tokens` (a stop string's overshoot) that nobody else holds are
+        forgotten by the prefix cache: no later request may reuse text the client never saw."""
+        for i in range(len(seq.block_table) - 1, -1, -1):
+            block = self.blocks[seq.block_table[i]]
+            overshoot = keep_tokens is not None and (i + 1) * self.block_size > keep_tokens
+            if overshoot and block.hash is not None and block.ref_count == 1:
+                self._forget(block)
+            self._release(block)
         seq.block_table = []
         seq.num_registered_blocks = 0
 

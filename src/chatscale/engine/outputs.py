@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chatscale.engine.sampler import TokenLogprobs
+from chatscale.engine.messages import TokenLogprobs
 
 
 @dataclass
@@ -16,7 +16,7 @@ class CompletionOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
     delta_logprobs: list[TokenLogprobs] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
 
     @property
@@ -43,6 +43,7 @@ class RequestOutput:
     # time.monotonic() when the step that produced this output ended: inter-token latency is
     # measured between these, not on arrival at a consumer that may take several at once.
     step_time: float | None = None
+    error: str | None = None  # set when the engine step serving this request failed
 
     @property
     def num_generated_tokens(self) -> int:

@@ -8,20 +8,10 @@ its own generator whatever else shares the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from chatscale.engine.messages import TokenLogprobs
 from chatscale.engine.sequence import Sequence
-
-
-@dataclass
-class TokenLogprobs:
-    """The sampled token's log-probability and the `k` most likely alternatives."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 def seq_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:

@@ -16,7 +16,8 @@ from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from chatscale.engine.engine import LLMEngine
+    from chatscale.engine.kv_cache import KVCacheManager
+    from chatscale.engine.runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,8 @@ class TierCosts:
                 f"{self.recompute_s_per_page * 1e6:.0f} us/page")
 
 
-def measure_tier_costs(engine: "LLMEngine", pages: int = 8) -> TierCosts:
+def measure_tier_costs(runner: "ModelRunner", kv: "KVCacheManager", pages: int = 8) -> TierCosts:
     """Time a round trip of `pages` pages through the tier and a prefill of as many tokens."""
-    runner, kv = engine.runner, engine.kv
     pages = min(pages, kv.num_free_blocks, runner.host_pages.shape[3])
     tokens = pages * kv.block_size
     seq = Sequence("tier-probe", [1] * tokens, SamplingParams(max_tokens=1))

@@ -62,6 +62,11 @@ class Tokenizer:
             config["chat_template"] = template_file.read_text()
         return cls(HFTokenizer.from_file(str(tok_file)), config)
 
+    @property
+    def hf(self) -> HFTokenizer:
+        """The underlying `tokenizers` tokenizer (for its streaming decoder)."""
+        return self._tok
+
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 

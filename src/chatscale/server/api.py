@@ -47,7 +47,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: Server
     state = ServerState(settings, Metrics(settings.served_model_name))
     state.engine = engine if isinstance(engine, AsyncEngine) else None
     if state.engine is not None:
-        state.metrics.attach(state.engine.engine)
+        state.metrics.attach(state.engine.info, state.engine.step_listeners)
     history = History()  # the dashboard's last ten minutes
 
     @asynccontextmanager
@@ -85,9 +85,9 @@ async def _load(state: ServerState, loader: Callable[[], AsyncEngine]) -> None:
 
 
 def _load_and_attach(state: ServerState, loader: Callable[[], AsyncEngine]) -> AsyncEngine:
-    """Load the engine and start its metrics (on a CPU this measures the peaks: a second or two)."""
+    """Start the engine process, wait until its model is loaded, and start its metrics."""
     engine = loader()
-    state.metrics.attach(engine.engine)
+    state.metrics.attach(engine.info, engine.step_listeners)
     return engine
 
 
@@ -128,22 +128,21 @@ async def get_model(model_id: str, request: Request) -> Model:
 def _model_card(request: Request) -> Model:
     state = _state(request)
     return Model(id=state.settings.served_model_name, created=request.app.state.created,
-                 max_model_len=state.ready_engine().engine.max_model_len)
+                 max_model_len=state.ready_engine().max_model_len)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus exposition: engine load gauges read now, token counters since start."""
     state = _state(request)
-    if state.engine is not None:
-        state.metrics.observe_engine(state.engine.engine)
+    state.observe_engine()
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
-    core = state.ready_engine().engine
+    core = state.ready_engine()
     _check_model(state, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
@@ -157,7 +156,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _state(request)
-    core = state.ready_engine().engine
+    core = state.ready_engine()
     _check_model(state, body.model)
     bad = [t for t in body.tokens if not 0 <= t < core.vocab_size]
     if bad:
@@ -170,7 +169,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     state = _state(request)
     engine = state.ready_engine()
     _check_model(state, body.model)
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [chat_prompt_ids(tokenizer, body.messages)],
                   body.sampling_overrides(), prompt_param="messages", cache_salt=body.cache_salt)
     outs = outputs(engine, gen, state.metrics)
@@ -187,7 +186,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     gen = prepare(engine, "cmpl", state.settings.served_model_name, body.prompts(), body.sampling_overrides(),
                   prompt_param="prompt", cache_salt=body.cache_salt)
     outs = outputs(engine, gen, state.metrics)
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     if body.stream:
         return SSEResponse(text_stream(gen, outs, tokenizer, body.include_usage))
     return text_completion(gen, await cancel_on_disconnect(request, collect(outs)), tokenizer)

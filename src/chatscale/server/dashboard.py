@@ -34,7 +34,7 @@ class History:
         self.window = LoadWindow()
 
     def sample(self, state: ServerState) -> None:
-        state.metrics.observe_engine(state.engine.engine)
+        state.observe_engine()
         self.rows.append(self.window.push(Scrape.from_registry(state.metrics.registry)))
 
     async def run(self, state: ServerState) -> None:

@@ -14,8 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from chatscale.engine.async_engine import EngineDeadError
-from chatscale.engine.engine import ContextLengthError, InvalidRequestError
+from chatscale.engine.errors import ContextLengthError, EngineDeadError, InvalidRequestError, RequestFailedError
 from chatscale.engine.sampling_params import SamplingParamsError
 from chatscale.server.protocol import ErrorDetail, ErrorResponse
 
@@ -51,7 +50,10 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, (InvalidRequestError, SamplingParamsError)):
         return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, EngineDeadError):
-        return APIError(500, "The engine stopped; this server cannot generate until restarted.", "server_error")
+        return APIError(503, f"The engine stopped; this server cannot generate until restarted ({exc}).",
+                        "server_error", code="engine_dead")
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, f"The server had an error while generating this answer: {exc}", "server_error")
     log.error("unexpected error", exc_info=exc)
     return APIError(500, "The server had an error while processing your request.", "server_error")
 
@@ -92,7 +94,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def disconnected(_: Request, __: Exception) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; never reaches anyone
 
-    for cls in (APIError, ValueError, EngineDeadError):
+    for cls in (APIError, ValueError, EngineDeadError, RequestFailedError):
         app.add_exception_handler(cls, api_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(HTTPException, http_error)

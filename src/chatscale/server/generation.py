@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from chatscale.engine.async_engine import AsyncEngine
-from chatscale.engine.engine import ContextLengthError
+from chatscale.engine.errors import ContextLengthError
 from chatscale.engine.outputs import RequestOutput
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.metrics import Metrics
@@ -52,7 +52,7 @@ def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list
             overrides: dict[str, Any], prompt_param: str, cache_salt: str | None = None) -> Generation:
     """Raise an OpenAI 400 for anything the engine would refuse; `kind` prefixes the id."""
     arrival = time.monotonic()
-    core = engine.engine
+    core = engine
     params = core.default_sampling_params(**overrides)
     vocab = core.vocab_size
     bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
@@ -72,7 +72,7 @@ def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list
 async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every engine output of `gen`, tagged with its prompt's index. Closing this iterator (a
     disconnect, a cancelled task) aborts every engine request behind it."""
-    streams = [engine.generate(ids, p, f"{gen.id}-{i}", gen.cache_salt)
+    streams = [engine.generate(ids, p, f"{gen.id}-{i}", gen.cache_salt, gen.arrival)
                for i, (ids, p) in enumerate(zip(gen.prompts, gen.params))]
     last_output: dict[int, float] = {}  # per prompt: its previous output's step time (inter-token latency)
     async with aclosing(merge(streams)) as merged:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from chatscale.engine.sampler import TokenLogprobs
+from chatscale.engine.messages import TokenLogprobs
 from chatscale.models.tokenizer import Tokenizer
 from chatscale.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 

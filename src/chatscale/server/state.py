@@ -29,6 +29,11 @@ class ServerState:
             return "failed"
         return "loading" if self.engine is None else "ok"
 
+    def observe_engine(self) -> None:
+        """Refresh the load gauges from the engine's latest snapshot (sent with its last step)."""
+        if self.engine is not None:
+            self.metrics.observe_engine(self.engine.snapshot, self.engine.info.max_num_seqs)
+
     def ready_engine(self) -> AsyncEngine:
         status = self.status
         if status != "ok":

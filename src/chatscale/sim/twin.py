@@ -1,11 +1,12 @@
 """A replica twin: chatscale's real Scheduler and KVCacheManager, stepped on a simulated clock.
 
-It mirrors `LLMEngine.step` line for line, with the model runner replaced by a step-cost model:
-schedule -> cost the step's chunks -> advance (pages fill and join the prefix cache) -> every
-sequence whose last known token was computed gains a token -> check stops -> finish. A step is
-split in two so a fleet can interleave many replicas: `begin_step` plans and costs it and returns
-when it ends; `end_step` delivers its tokens at that time. Arrivals in between wait for the next
-step, exactly as requests added while the engine runs a step do.
+It is the engine core's step with the model replaced by a step-cost model: schedule -> cost the
+step's chunks -> `Scheduler.update_from_output` (the engine's own post-step bookkeeping: pages fill
+and join the prefix cache, every sequence whose last known token was computed gains a token, stops
+are checked, finished sequences freed). A step is split in two so a fleet can interleave many
+replicas: `begin_step` plans and costs it and returns when it ends; `end_step` delivers its tokens
+at that time. Arrivals in between wait for the next step, exactly as requests added while the
+engine runs a step do.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ class ReplicaTwin:
     def __post_init__(self) -> None:
         c = self.config
         self.kv = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, c.max_num_seqs, c.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len, NO_EOS)
         self.steps: list[StepRecord] = []
         self.busy_until: float | None = None  # end of the step in flight
         self._plan: SchedulerOutput | None = None
+        self._started = 0.0
         self._answer_key: dict[Sequence, int] = {}
         self.num_steps = 0
         self.outstanding = 0  # requests added and not finished
@@ -88,13 +90,9 @@ class ReplicaTwin:
             return None
         chunks = [(seq.num_computed_tokens, n) for seq, n in plan.scheduled]
         seconds = self.cost.step_seconds(chunks)
-        for seq, _ in plan.scheduled:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-        self.scheduler.advance(plan)
         if self.record_steps:
             self.steps.append(StepRecord(now, seconds, len(chunks), plan.num_batched_tokens, self.kv.usage))
-        self._plan = plan
+        self._plan, self._started = plan, now
         self.busy_until = now + seconds
         self.num_steps += 1
         return self.busy_until
@@ -103,16 +101,11 @@ class ReplicaTwin:
         """Deliver the planned step's tokens at its end time; returns the sequences that finished."""
         plan, now = self._plan, self.busy_until
         self._plan = self.busy_until = None
-        finished = []
         vocab = self.config.vocab
-        for seq, _ in plan.scheduled:
-            if seq.num_computed_tokens < seq.num_tokens or seq.is_finished:
-                continue  # a prefill chunk short of the prompt's end samples nothing
-            seq.append_token(token_at(self._answer_key[seq], seq.num_tokens, vocab))
-            seq.first_token_time = seq.first_token_time or now
-            seq.last_token_time = now
-            if seq.check_stop(NO_EOS, self.config.max_model_len):
-                self.scheduler.finish(seq)
+        tokens = {seq: [token_at(self._answer_key[seq], seq.num_tokens, vocab)] for seq in plan.sampled}
+        finished = []
+        for seq, _ in self.scheduler.update_from_output(plan, tokens, self._started, now):
+            if seq.is_finished:
                 self._finish(seq, now)
                 finished.append(seq)
         return finished
