@@ -43,10 +43,10 @@ def served_decode_tok_s(model: str, threads: int, input_len: int, output_len: in
               "--threads", str(threads), "--dtype", dtype, "--kv-cache-bytes", "256MiB"]
     out = work / f"serve-{port}.json"
     with running(server, port, work / f"serve-{port}.log") as url:
-        subprocess.run([sys.executable, "-m", "chatscale.cli", "bench", "serve", "--base-url", url, "--concurrency", "1",
-                        "--num-requests", "4", "--input-len", str(input_len), "--output-len", str(output_len),
-                        "--warmup", "1", "--no-progress", "--output-json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+        cmd = [sys.executable, "-m", "chatscale.cli", "bench", "serve", "--base-url", url, "--concurrency", "1",
+               "--num-requests", "4", "--input-len", str(input_len), "--output-len", str(output_len),
+               "--warmup", "1", "--no-progress", "--output-json", str(out)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return 1000.0 / json.loads(out.read_text())["report"]["tpot_ms"]["mean"]
 
 
