@@ -327,3 +327,18 @@ def test_fleet_dashboard_queries_only_series_that_exist():
     assert any(u.startswith("chatscale_gateway:") for u in used) and any(u.startswith("chatscale:") for u in used)
     assert used <= known, used - known
     assert {"datasource", "region"} == {v["name"] for v in dashboard["templating"]["list"]}
+
+
+# ---- docs/deploy.md's figures -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout, step_ms, comm_ms", [(["--tp", "16"], 15.33, 6.29),
+                                                       (["--tp", "8", "--pp", "2"], 8.81, 0.34)])
+def test_multinode_tensor_parallel_figures_are_the_planners(layout, step_ms, comm_ms, capsys):
+    from chatscale.cli import main
+
+    assert main(["plan", "--model", "llama-3-70b", "--hardware", "h100", *layout, "--batch", "64",
+                 "--context", "8192", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (round(plan["step_s"] * 1e3, 2), round(plan["comm_s"] * 1e3, 2)) == (step_ms, comm_ms)
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    assert f"{step_ms} ms" in doc and f"{comm_ms} ms" in doc
