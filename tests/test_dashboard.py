@@ -41,7 +41,7 @@ def test_charts_render_and_move_under_load(checkpoint):
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(url + "/dashboard")
-            page.wait_for_function("document.querySelector('#status').textContent.startsWith('updated')")
+            page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('updated')")
             assert page.locator("#charts .chart svg").count() == 11
             assert value(page, "tokens_per_s") in ("0.00", "–") and value(page, "kv_live") == "0.0%"
 
@@ -59,7 +59,7 @@ def test_charts_render_and_move_under_load(checkpoint):
 
 
 def watch_charts_move(page) -> None:
-    page.wait_for_function("parseFloat(document.querySelector('.value[data-series=\"tokens_per_s\"]')"
+    page.wait_for_function("() => parseFloat(document.querySelector('.value[data-series=\"tokens_per_s\"]')"
                            ".textContent) > 0", timeout=30_000)
     before = {s: points(page, s) for s in ("tokens_per_s", "batch_sequences", "intensity", "ridge")}
     path = page.get_attribute('path[data-series="tokens_per_s"]', "d")
