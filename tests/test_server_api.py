@@ -167,8 +167,9 @@ def test_api_key_denies_every_path_but_health_and_the_chat_page(server_engine):
     client = TestClient(api(server_engine, api_key="sk-test"))
     assert client.get("/health").status_code == 200
     page = client.get("/")
-    assert page.status_code == 200 and "static/chat.js" in page.text
-    assert client.get("/static/chat.js").status_code == 200
+    assert page.status_code == 200 and "static/chat/main.js" in page.text
+    for script in ("chat/main.js", "chat/markdown.js", "vendor/markdown-it.min.js", "vendor/purify.min.js"):
+        assert client.get(f"/static/{script}").status_code == 200, script
     for path in ("/v1/models", "/metrics", "/openapi.json", "/v1/nothing"):
         r = client.get(path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -27,6 +26,7 @@ from chatscale.server.disconnect import cancel_on_disconnect
 from chatscale.server.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from chatscale.server.generation import outputs, prepare
 from chatscale.server.middleware import GateMiddleware
+from chatscale.server.pages import STATIC, page
 from chatscale.server.protocol import (
     ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
     Health, Model, ModelList, TokenizeRequest, TokenizeResponse,
@@ -38,7 +38,6 @@ from chatscale.server.state import ServerState
 log = logging.getLogger("chatscale.server")
 router = APIRouter()
 STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "the response, or its SSE stream"}}
-STATIC = Path(__file__).parent / "static"  # the chat page
 
 
 def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServerSettings) -> FastAPI:
@@ -103,7 +102,7 @@ def _check_model(state: ServerState, model: str | None) -> None:
 
 @router.get("/", include_in_schema=False)
 async def chat_page() -> FileResponse:
-    return FileResponse(STATIC / "index.html")
+    return page("index.html")
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}})

@@ -13,17 +13,16 @@ import math
 import time
 from collections import deque
 from dataclasses import asdict
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from chatscale.scrape import LoadRow, LoadWindow, Scrape
+from chatscale.server.pages import page
 from chatscale.server.state import ServerState
 
 log = logging.getLogger("chatscale.server")
 router = APIRouter()
-STATIC = Path(__file__).parent / "static"
 INTERVAL_S = 1.0
 HISTORY_ROWS = 600  # ten minutes
 
@@ -57,7 +56,7 @@ def _json_row(r: LoadRow) -> dict:
 
 @router.get("/dashboard", include_in_schema=False)
 async def dashboard_page() -> FileResponse:
-    return FileResponse(STATIC / "dashboard.html")
+    return page("dashboard.html")
 
 
 @router.get("/dashboard/data")
