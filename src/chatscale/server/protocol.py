@@ -9,11 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_serializer
 
 from chatscale.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParamsError
 
-TokenIdKey = Annotated[str, StringConstraints(pattern=r"^-?[0-9]+$", max_length=20)]
+
+def _well_formed(text: str) -> str:
+    """JSON can escape a lone UTF-16 surrogate (\\ud800) that no UTF-8 text can hold: the tokenizer
+    and the response encoder would both fail on it, so it is refused at the door, naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a lone UTF-16 surrogate at character {exc.start} is not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]  # every string a request carries
+TokenIdKey = Annotated[Text, StringConstraints(pattern=r"^-?[0-9]+$", max_length=20)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 INT64 = 2**63
 
@@ -28,13 +40,13 @@ class StreamOptions(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content, and `developer` (OpenAI's newer
@@ -49,7 +61,7 @@ class ChatMessage(_Strict):
 class _GenerationRequest(_Strict):
     """Fields shared by chat and text completions, plus the vLLM extensions load tools send."""
 
-    model: str | None = Field(None, description="defaults to the served model")
+    model: Text | None = Field(None, description="defaults to the served model")
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -57,10 +69,10 @@ class _GenerationRequest(_Strict):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[TokenIdKey, Bias] | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     top_k: int | None = Field(None, ge=-1, lt=2**31)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
@@ -69,7 +81,7 @@ class _GenerationRequest(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    cache_salt: str | None = Field(None, description="requests share cached prompt pages only with the same salt")
+    cache_salt: Text | None = Field(None, description="requests share cached prompt pages only with the same salt")
 
     @property
     def include_usage(self) -> bool:
@@ -113,7 +125,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -211,7 +223,7 @@ class CompletionLogprobs(BaseModel):
 
 class CompletionChoice(BaseModel):
     index: int
-    text: str
+    text: Text
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
@@ -243,8 +255,8 @@ class ModelList(BaseModel):
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize: either a `prompt`, or chat `messages` rendered with the template."""
 
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -257,7 +269,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 
