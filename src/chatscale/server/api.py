@@ -145,8 +145,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
     core = state.ready_engine().engine
     _check_model(state, body.model)
-    if (body.prompt is None) == (body.messages is None):
-        raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
+    given = {"prompt", "messages"} & body.model_fields_set
+    if len(given) != 1 or (body.prompt is None and body.messages is None):  # as the schema's oneOf says
+        raise APIError(400, "Send exactly one of 'prompt' or 'messages', not null.", param="prompt")
     if body.messages is not None:
         ids = chat_prompt_ids(core.tokenizer, body.messages, body.add_generation_prompt)
     else:

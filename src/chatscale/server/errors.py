@@ -75,13 +75,14 @@ def error_event(exc: BaseException) -> str:
 
 def _field_path(err: dict) -> list[str | int]:
     """The error's location in the body, without pydantic's names of union members and validators."""
-    return [p for p in err["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in {"str", "int"}))]
+    return [p for p in err["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in {"str", "int", "none"}))]
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
     # A value that fits no member of a union (a prompt: text, texts or token ids) has one error per
-    # member; the deepest names the element at fault (`prompt.[1]`) rather than the whole field.
-    err = max(exc.errors(), key=lambda e: len(_field_path(e)))
+    # member; the deepest names the element at fault (`prompt.[1]`) rather than the whole field, and a
+    # wrong value (-2 for a token id) says more than a wrong type (-2 is not a string).
+    err = max(exc.errors(), key=lambda e: (len(_field_path(e)), not e["type"].endswith("_type")))
     if err["type"] == "json_invalid":
         return APIError(400, f"We could not parse the JSON body of your request: {err['msg']}.")
     path = _field_path(err)

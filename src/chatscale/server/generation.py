@@ -65,8 +65,20 @@ def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list
         try:
             core.check_request(prompt_ids, p)
         except ContextLengthError as exc:
-            raise APIError(400, str(exc), param=prompt_param, code=exc.code) from exc
+            raise APIError(400, _context_message(exc, len(prompt_ids), p, core.max_model_len, prompt_param),
+                           param=prompt_param, code=exc.code) from exc
     return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt, cache_salt, arrival)
+
+
+def _context_message(exc: ContextLengthError, prompt_tokens: int, params: SamplingParams, max_model_len: int,
+                     prompt_param: str) -> str:
+    """OpenAI's wording, naming what the client sent: the messages of a chat, the prompt of a completion."""
+    total = prompt_tokens + (params.max_tokens or 0)
+    if params.max_tokens is None or total <= max_model_len:
+        return str(exc)  # not the context but the KV cache is too small: the engine says so
+    return (f"This model's maximum context length is {max_model_len} tokens. However, you requested {total} tokens "
+            f"({prompt_tokens} in the {prompt_param}, {params.max_tokens} in the completion). "
+            f"Please reduce the length of the {prompt_param} or completion.")
 
 
 async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -50,7 +50,9 @@ class GateMiddleware:
         if key is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return
         sent = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(sent, b"Bearer " + key.encode()):
+        scheme, _, token = sent.partition(b" ")
+        # The scheme is case-insensitive (RFC 9110); the key is compared in constant time.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
             message = "Incorrect API key provided." if sent else "You didn't provide an API key."
             raise APIError(401, message + " Send it as `Authorization: Bearer KEY`.", code="invalid_api_key")
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_serializer
+from annotated_types import Ge
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator,
+    model_serializer,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from chatscale.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParamsError
 
@@ -24,8 +29,15 @@ def _well_formed(text: str) -> str:
     return text
 
 
+def _integral(value: Any) -> Any:
+    """JSON Schema's `integer` includes 4.0, and schema-driven clients send it; 4.5 stays a float and fails."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 Text = Annotated[str, AfterValidator(_well_formed)]  # every string a request carries
-TokenIdKey = Annotated[Text, StringConstraints(pattern=r"^-?[0-9]+$", max_length=20)]
+Int = Annotated[int, BeforeValidator(_integral)]  # every integer a request carries
+TokenId = Annotated[int, Ge(0), BeforeValidator(_integral)]  # the bound first, or the schema misstates it
+TokenIdKey = Annotated[Text, StringConstraints(pattern=r"^[0-9]+$", max_length=20)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 INT64 = 2**63
 
@@ -44,9 +56,22 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    # Only an assistant turn may come without content (OpenAI's, when it called tools).
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = Field(None, validate_default=True)
     name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_assistant(cls, content: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if content is None and role not in (None, "assistant"):
+            raise ValueError(f"a {role} message needs content")
+        return content
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content, and `developer` (OpenAI's newer
@@ -61,11 +86,14 @@ class ChatMessage(_Strict):
 class _GenerationRequest(_Strict):
     """Fields shared by chat and text completions, plus the vLLM extensions load tools send."""
 
+    model_config = ConfigDict(json_schema_extra={  # stream_options only with stream: true (as vLLM)
+        "dependentSchemas": {"stream_options": {"required": ["stream"], "properties": {"stream": {"const": True}}}}})
+
     model: Text | None = Field(None, description="defaults to the served model")
-    n: int = Field(1, ge=1, le=128)
+    n: Int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    seed: Int | None = Field(None, ge=-INT64, lt=INT64)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[TokenIdKey, Bias] | None = None
@@ -73,15 +101,22 @@ class _GenerationRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    top_k: int | None = Field(None, ge=-1, lt=2**31)
+    top_k: Int | None = Field(None, ge=-1, lt=2**31)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: Text | None = Field(None, description="requests share cached prompt pages only with the same salt")
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options can only be set when stream is true")
+        return options
 
     @property
     def include_usage(self) -> bool:
@@ -109,10 +144,10 @@ class _GenerationRequest(_Strict):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def sampling_overrides(self) -> dict[str, Any]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -125,9 +160,9 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Int | None = Field(16, ge=1)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def sampling_overrides(self) -> dict[str, Any]:
         return {**super().sampling_overrides(), "max_tokens": self.max_tokens, "logprobs": self.logprobs}
@@ -253,11 +288,14 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(_Strict):
-    """vLLM's /tokenize: either a `prompt`, or chat `messages` rendered with the template."""
+    """vLLM's /tokenize: either a `prompt`, or chat `messages` rendered with the template (the
+    handler refuses both, neither, or either given as null)."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
 
     model: Text | None = None
-    prompt: Text | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: Text | SkipJsonSchema[None] = None
+    messages: list[ChatMessage] | SkipJsonSchema[None] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -270,7 +308,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Strict):
     model: Text | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):
