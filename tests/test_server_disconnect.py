@@ -53,7 +53,7 @@ def test_dropped_clients_abort_their_requests_and_free_kv_blocks(slow_engine):
             assert wait_until(lambda: core.num_waiting == 0), "queued requests were not aborted"
             assert core.num_running == 1 and next(events)  # the first one is still streaming
         assert wait_until(lambda: engine_idle(slow_engine)), "the mid-stream drop was not aborted"
-        assert wait_until(lambda: app.state.server.in_flight == 0)
+        assert wait_until(lambda: app.state.server.slots.held == 0)
         r = running_client.post("/v1/chat/completions", json={**BODY, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 

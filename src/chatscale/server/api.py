@@ -171,6 +171,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     state = _state(request)
     engine = state.ready_engine()
     _check_model(state, body.model)
+    request.state.hold.take(1, body.n)
     tokenizer = engine.engine.tokenizer
     gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [chat_prompt_ids(tokenizer, body.messages)],
                   body.sampling_overrides(), prompt_param="messages", cache_salt=body.cache_salt)
@@ -185,7 +186,9 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     state = _state(request)
     engine = state.ready_engine()
     _check_model(state, body.model)
-    gen = prepare(engine, "cmpl", state.settings.served_model_name, body.prompts(), body.sampling_overrides(),
+    prompts = body.prompts()
+    request.state.hold.take(len(prompts), body.n)
+    gen = prepare(engine, "cmpl", state.settings.served_model_name, prompts, body.sampling_overrides(),
                   prompt_param="prompt", cache_salt=body.cache_salt)
     outs = outputs(engine, gen, state.metrics)
     tokenizer = engine.engine.tokenizer

@@ -40,6 +40,12 @@ TokenId = Annotated[int, Ge(0), BeforeValidator(_integral)]  # the bound first, 
 TokenIdKey = Annotated[Text, StringConstraints(pattern=r"^[0-9]+$", max_length=20)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 INT64 = 2**63
+# Per generated token every stop string is searched for, and a stream holds back the longest one's
+# length less one character (so a stop string never leaks): 16 of at most 256 characters bound both
+# (OpenAI takes 4 stops; agent frameworks send a few more). Characters, not bytes: the search and the
+# hold-back count characters, and JSON Schema's maxLength (so /openapi.json) says the same.
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+Stop = Annotated[Text, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
 class _Strict(BaseModel):
@@ -97,7 +103,7 @@ class _GenerationRequest(_Strict):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[TokenIdKey, Bias] | None = None
-    stop: Text | list[Text] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
