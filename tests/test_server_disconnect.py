@@ -3,6 +3,7 @@ engine request and KV blocks at once, and SIGTERM drains in-flight requests befo
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -94,15 +95,21 @@ def _refused(url: str) -> bool:
 
 # n=16 choices of 480 tokens: seconds of work on this tiny model, so SIGTERM lands mid-request.
 LONG = {"prompt": "Hello", "max_tokens": 480, "n": 16, "ignore_eos": True, "stream": True}
+WHOLE = {"prompt": "Hi", "max_tokens": 480, "n": 2, "ignore_eos": True}  # and one not streamed
 
 
-def _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout: float) -> tuple[list[str], bool, int, str]:
-    """Start a long stream, SIGTERM the server after its first event, and read on. Returns the
-    events after the signal, whether the stream was cut, the exit code and the server's log."""
+def _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout: float) -> tuple[list[str], bool, int, str, dict]:
+    """Start a whole (not streamed) request and a long stream, SIGTERM the server after the stream's
+    first event, and read on. Returns the stream's events after the signal, whether it was cut, the
+    exit code, the server's log and the whole request's answer."""
     with (tmp_path / "serve.log").open("w+") as log:
         proc, url = _serve(checkpoint, log, drain_timeout)
-        rest, cut = [], False
+        rest, cut, whole = [], False, {}
+        waiting = threading.Thread(target=lambda: whole.update(
+            httpx.post(f"{url}/v1/completions", json=WHOLE, timeout=60).json()))
         try:
+            waiting.start()
+            assert wait_until(lambda: _sequences_in_engine(url) == 2, 30)
             with httpx.stream("POST", f"{url}/v1/completions", json=LONG, timeout=60) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
@@ -113,20 +120,35 @@ def _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout: float) -> tuple[lis
                 except httpx.RemoteProtocolError:
                     cut = True
             code = proc.wait(30)
+            waiting.join(30)
         finally:
             proc.kill()
         log.seek(0)
-        return rest, cut, code, log.read()
+        return rest, cut, code, log.read(), whole
+
+
+def _sequences_in_engine(url: str) -> int:
+    lines = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+    return sum(int(float(x.split()[-1])) for x in lines
+               if x.startswith(("chatscale:num_requests_running{", "chatscale:num_requests_waiting{")))
+
+
+def _finish_reasons(events: list[str]) -> list[str]:
+    chunks = [json.loads(e[6:]) for e in events if e != "data: [DONE]"]
+    return [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(checkpoint, tmp_path):
-    rest, cut, code, log = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=60)
-    assert not cut and rest[-1] == "data: [DONE]" and sum('"finish_reason":"length"' in x for x in rest) == 16
+    rest, cut, code, log, whole = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=60)
+    assert not cut and rest[-1] == "data: [DONE]" and _finish_reasons(rest) == ["length"] * 16
+    assert [c["finish_reason"] for c in whole["choices"]] == ["length"] * 2
     assert code == 0
     assert "Waiting for connections to close" in log  # the request really was in flight
 
 
-def test_drain_timeout_cuts_what_is_left_and_still_exits_0(checkpoint, tmp_path):
-    _, cut, code, log = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=0.5)
-    assert cut and code == 0  # the stream ended without [DONE]
-    assert "timeout graceful shutdown exceeded" in log
+def test_drain_timeout_ends_what_is_left_with_abort_then_done_and_exits_0(checkpoint, tmp_path):
+    rest, cut, code, log, whole = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=0.5)
+    assert not cut and rest[-1] == "data: [DONE]"  # was: the connection closed mid-stream
+    assert sorted(_finish_reasons(rest)) == ["abort"] * 16  # every choice ends, as vLLM's do
+    assert [c["finish_reason"] for c in whole["choices"]] == ["abort"] * 2  # the whole answer so far
+    assert code == 0 and "timeout graceful shutdown exceeded" not in log

@@ -175,7 +175,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     tokenizer = engine.engine.tokenizer
     gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [chat_prompt_ids(tokenizer, body.messages)],
                   body.sampling_overrides(), prompt_param="messages", cache_salt=body.cache_salt)
-    outs = outputs(engine, gen, state.metrics)
+    outs = outputs(engine, gen, state.metrics, state.drain_cut)
     if body.stream:
         return SSEResponse(chat_stream(gen, outs, tokenizer, body.include_usage))
     return chat_completion(gen, await cancel_on_disconnect(request, collect(outs)), tokenizer)
@@ -190,7 +190,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     request.state.hold.take(len(prompts), body.n)
     gen = prepare(engine, "cmpl", state.settings.served_model_name, prompts, body.sampling_overrides(),
                   prompt_param="prompt", cache_salt=body.cache_salt)
-    outs = outputs(engine, gen, state.metrics)
+    outs = outputs(engine, gen, state.metrics, state.drain_cut)
     tokenizer = engine.engine.tokenizer
     if body.stream:
         return SSEResponse(text_stream(gen, outs, tokenizer, body.include_usage))

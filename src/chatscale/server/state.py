@@ -3,6 +3,7 @@ and how many sequences it holds. Handlers and middleware share this one object."
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from chatscale.engine.async_engine import AsyncEngine
@@ -19,6 +20,8 @@ class ServerState:
     engine: AsyncEngine | None = None
     load_error: str | None = None
     draining: bool = False
+    # Set when the drain timeout runs out: every request still generating ends with finish_reason "abort".
+    drain_cut: asyncio.Event = field(default_factory=asyncio.Event)
     slots: SequenceSlots = field(init=False)
 
     def __post_init__(self) -> None:
