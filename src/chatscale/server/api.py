@@ -52,6 +52,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: Server
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        state.drain_cut = asyncio.Event()
         sampler = asyncio.create_task(history.run(state))
         loading = None if state.engine is not None else asyncio.create_task(_load(state, engine))
         try:

@@ -37,11 +37,15 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        cut = asyncio.get_running_loop().call_later(self.state.settings.drain_timeout, self.state.drain_cut.set)
+        cut = asyncio.get_running_loop().call_later(self.state.settings.drain_timeout, self._cut)
         try:
             await super().shutdown(sockets)
         finally:
             cut.cancel()
+
+    def _cut(self) -> None:
+        if self.state.drain_cut is not None:  # None only if the app never started
+            self.state.drain_cut.set()
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ class ServerState:
     load_error: str | None = None
     draining: bool = False
     # Set when the drain timeout runs out: every request still generating ends with finish_reason "abort".
-    drain_cut: asyncio.Event = field(default_factory=asyncio.Event)
+    # Made by the app's lifespan, so it belongs to the loop that serves the requests.
+    drain_cut: asyncio.Event | None = None
     slots: SequenceSlots = field(init=False)
 
     def __post_init__(self) -> None:
