@@ -195,6 +195,69 @@ def test_config_reload_and_dns_replicas(replicas, tmp_path):
                                              timeout=30).status_code == 200, 5)
 
 
+DEEP = b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+MALFORMED = [  # what the gateway reads itself (prompt, messages, n, max_tokens, stream_options) must not 500
+    ("/v1/chat/completions", b'{"messages": 5}', "messages"),
+    ("/v1/chat/completions", b'{"messages": [5]}', "messages.[0]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+     "messages.[0].content.[0].text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages.[0].content"),
+    ("/v1/completions", b'{"prompt": ["a", 1]}', "prompt.[1]"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"prompt": {"a": 1}}', "prompt"),
+    ("/v1/completions", b'{"prompt": "hi", "n": "2"}', "n"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2.5}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": 3}', "stream_options"),
+    ("/v1/completions", DEEP, None),
+    ("/v1/completions", b'{"prompt": "a\xffb"}', None),  # not UTF-8
+    ("/v1/completions", b"[1]", None),
+]
+
+
+@pytest.mark.parametrize("path,body,param", MALFORMED)
+def test_malformed_bodies_are_openai_shaped_400s(replicas, path, body, param):
+    cfg = fleet_config([r.url for r in replicas])
+    cfg["keys"].append(key_entry("cat", policies=[{"action": "rewrite"}]))
+    with gateway(cfg) as url:
+        for key in ("alice", "cat"):  # the rewrite policy reads the messages too
+            r = httpx.post(f"{url}{path}", content=body, timeout=30,
+                           headers={**auth(key), "content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+            assert error["param"] == param
+
+
+def test_valid_bodies_the_gateway_does_not_model_are_forwarded(replicas):
+    with gateway(fleet_config([r.url for r in replicas])) as url, httpx.Client(base_url=url, timeout=30) as c:
+        batch = c.post("/v1/completions", headers=auth("alice"),  # a batch of token-id prompts
+                       json={"model": "tiny", "prompt": [[1, 2, 3], [4, 5]], "max_tokens": 2, "n": 2.0})
+        assert batch.status_code == 200, batch.text
+        assert len(batch.json()["choices"]) == 4
+        lone = c.post("/v1/chat/completions", headers={**auth("alice"), "content-type": "application/json"},
+                      content=json.dumps(chat("hi", stop="\ud800")))  # a field only the replica reads
+        assert lone.status_code == 400 and lone.json()["error"]["param"] == "stop"
+
+
+def test_request_bodies_are_bounded(replicas):
+    cfg = fleet_config([r.url for r in replicas], max_body_bytes=100_000, body_timeout=1.0)
+    big = json.dumps(chat("x" * 200_000)).encode()
+    with gateway(cfg) as url:
+        for headers in ({}, {"transfer-encoding": "chunked"}):  # declared, and not
+            content = big if not headers else iter([big[i:i + 65536] for i in range(0, len(big), 65536)])
+            r = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=30,
+                           headers={**auth("alice"), "content-type": "application/json", **headers})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as slow:
+            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                         b"Authorization: Bearer " + KEYS["alice"].encode() + b"\r\n\r\n{")
+            slow.settimeout(10)
+            assert slow.recv(4096).startswith(b"HTTP/1.1 408")
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat("hi"), headers=auth("alice"),
+                          timeout=30).status_code == 200
+
+
 @pytest.fixture
 def redis_url(tmp_path) -> Iterator[str]:
     port = free_port()

@@ -88,6 +88,8 @@ class FleetConfig:
     max_retries: int = 2  # re-routes of an attempt that failed before its first byte
     connect_timeout: float = 2.0
     default_max_tokens: int = 256  # reserved against TPM when a request names no max_tokens
+    max_body_bytes: int = 8 * 2**20  # a larger request body is a 413 (as the server's --max-body-bytes)
+    body_timeout: float = 30.0  # seconds a client gets to send its whole request body; slower: 408
     admission: AdmissionSpec = field(default_factory=AdmissionSpec)
     keys: list[KeySpec] = field(default_factory=list)
     redis_url: str | None = None

@@ -12,11 +12,11 @@ request's slots are held exactly until its last byte is sent.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatscale.request_body import BodyRefused, read_body
 from chatscale.server.admission import Hold
 from chatscale.server.errors import APIError, error_response
 from chatscale.server.state import ServerState
@@ -64,30 +64,10 @@ class GateMiddleware:
             raise APIError(401, message + " Send it as `Authorization: Bearer KEY`.", code="invalid_api_key")
 
     async def _read_body(self, scope: Scope, receive: Receive) -> list[Message]:
-        """The whole body's messages (it is small next to generation), so an oversized or slow one is
-        refused before any handler runs, whatever its Content-Length says."""
+        """The whole body first (it is small next to generation), so an oversized or slow one is
+        refused before any handler runs."""
         settings = self.state.settings
-        limit, timeout = settings.max_body_bytes, settings.body_timeout
-        too_large = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                             code="request_too_large")
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        messages: list[Message] = []
-        size = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
-            except asyncio.TimeoutError:
-                raise APIError(408, f"The request body did not arrive within {timeout:g} seconds.",
-                               code="request_timeout") from None
-            messages.append(message)
-            if message["type"] != "http.request":
-                return messages
-            size += len(message.get("body", b""))
-            if size > limit:
-                raise too_large
-            if not message.get("more_body", False):
-                return messages
+        try:
+            return await read_body(scope, receive, settings.max_body_bytes, settings.body_timeout)
+        except BodyRefused as refused:
+            raise APIError(refused.status, str(refused), code=refused.code) from None
