@@ -7,6 +7,7 @@ busy two-core machine); the replica-killing test runs last: it leaves the fleet 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
-from server_utils import api, free_port, make_engine, running, sse_events, wait_until
+from server_utils import api, cli_server, free_port, make_engine, running, sse_events, wait_until
 
 from chatscale.gateway.app import create_app
 from chatscale.gateway.config import hash_key, parse
@@ -164,7 +165,7 @@ def test_keys_limits_and_policies(replicas, tmp_path):
         async def two_at_once() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
                 async with ac.stream("POST", "/v1/chat/completions", headers=auth("single"),
-                                     json=chat("hi", 64, stream=True)) as first:
+                                     json=chat("hi", 400, stream=True)) as first:
                     await anext(first.aiter_lines())
                     second = await ac.post("/v1/chat/completions", headers=auth("single"), json=chat("hi"))
                     return [first.status_code, second.status_code]
@@ -303,6 +304,53 @@ def test_two_gateways_share_limits_and_affinity_through_redis(replicas, redis_ur
             r2 = httpx.post(f"{two}/v1/chat/completions", headers=auth("bob"), timeout=30,
                             json={**chat(""), "messages": messages})
             assert r2.headers["x-chatscale-replica"] == r1.headers["x-chatscale-replica"]
+
+
+@pytest.fixture
+def slow_replica(checkpoint) -> Iterator[Replica]:
+    """A real server whose every step takes 20 ms more: a stream of 400 tokens lasts 8 s or more."""
+    replica = Replica(checkpoint("llama"))
+    step = replica.engine.engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+
+    replica.engine.engine.step = slow_step
+    yield replica
+    replica.stop()
+
+
+def test_a_killed_gateway_gives_its_concurrency_slots_back(slow_replica, redis_url, tmp_path):
+    """Two gateways on one Redis; the key may hold 2 requests. One gateway holds both, and is killed -9:
+    within the lease (1 s here) the other admits the key again, where it had refused it for an hour."""
+    cfg = fleet_config([slow_replica.url], concurrency_lease=1.0)
+    cfg["keys"] = [key_entry("single", concurrency=2)]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(json.dumps(cfg))
+    proc, doomed = cli_server(["gateway", "--config", str(path), "--redis-url", redis_url], timeout=30)
+    try:
+        with gateway(cfg, redis_url=redis_url) as survivor, httpx.Client(timeout=60) as client:
+            streams = [client.stream("POST", f"{doomed}/v1/chat/completions", headers=auth("single"),
+                                     json=chat("hi", 400, stream=True)) for _ in range(2)]
+            for s in streams:
+                assert next(s.__enter__().iter_lines()).startswith("data: ")
+            refused = client.post(f"{survivor}/v1/chat/completions", headers=auth("single"), json=chat("hi", 2))
+            assert refused.status_code == 429 and refused.headers["x-chatscale-reject-reason"] == "concurrency"
+            time.sleep(3)  # three lease periods: the living gateway renews its leases
+            again = client.post(f"{survivor}/v1/chat/completions", headers=auth("single"), json=chat("hi", 2))
+            assert again.status_code == 429
+            proc.kill()
+            proc.wait(10)
+            killed = time.monotonic()
+            assert wait_until(lambda: client.post(f"{survivor}/v1/chat/completions", headers=auth("single"),
+                                                  json=chat("hi", 2)).status_code == 200, 10)
+            assert time.monotonic() - killed < 4  # the lease (1 s), its pruning and one request
+            for s in streams:
+                with contextlib.suppress(httpx.HTTPError):
+                    s.__exit__(None, None, None)
+    finally:
+        proc.kill()
 
 
 def test_overload_five_times_queues_fairly_and_says_at_capacity(replicas):

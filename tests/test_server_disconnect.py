@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
-from server_utils import api, engine_idle, free_port, make_engine, running, wait_until
+from server_utils import api, cli_server, engine_idle, make_engine, running, wait_until
 
 BODY = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 400, "ignore_eos": True}
 
@@ -67,22 +66,8 @@ def _post_and_give_up(url: str, outcome: list[BaseException]) -> None:
 
 
 def _serve(checkpoint, log, drain_timeout: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatscale.cli", "serve", "--model", str(checkpoint("llama")), "--port", str(port),
-         "--threads", "1", "--kv-cache-bytes", "4MiB", "--drain-timeout", str(drain_timeout)],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, "chatscale serve exited"
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert wait_until(healthy, 90), "chatscale serve did not become healthy"
-    return proc, url
+    return cli_server(["serve", "--model", str(checkpoint("llama")), "--threads", "1", "--kv-cache-bytes", "4MiB",
+                       "--drain-timeout", str(drain_timeout)], output=log)
 
 
 def _refused(url: str) -> bool:

@@ -99,6 +99,7 @@ class Exchange:
     cost: int
     window: int
     started: float
+    lease: str | None  # the key's concurrency slot, given back in _finish
     region: str = ""
     replica: str = ""
     output_tokens: int = 0
@@ -118,7 +119,7 @@ class Gateway:
         if redis_url:
             from chatscale.gateway.redis_state import RedisAffinity, RedisLimiter
 
-            self.limiter, self.affinity = RedisLimiter(redis_url), RedisAffinity(redis_url)
+            self.limiter, self.affinity = RedisLimiter(redis_url, cfg.concurrency_lease), RedisAffinity(redis_url)
         else:
             self.limiter, self.affinity = MemoryLimiter(), None
         self.log_file = request_log.open("a", buffering=1) if request_log else None
@@ -256,7 +257,7 @@ class Gateway:
                           "rate_limit_exceeded", {**verdict.headers, "retry-after": f"{verdict.retry_after:.0f}",
                                                   "x-chatscale-reject-reason": verdict.reason})
         x = Exchange(rid, key, request.url.path, applied.body, RouteRequest(chain, cost, key.name), prompt_tokens,
-                     cost, verdict.window, time.time())
+                     cost, verdict.window, time.time(), verdict.lease)
         try:
             if self.affinity is not None and isinstance(self.policy, CacheAffinity):
                 await self.affinity.pull(chain, self.policy.index)
@@ -397,7 +398,7 @@ class Gateway:
         """Once per request: settle TPM to what was used, free the concurrency slot, log, let the queue move."""
         used = x.prompt_tokens + x.output_tokens if r is not None else 0
         await self.limiter.settle(x.key.name, x.window, used - x.cost)
-        await self.limiter.release(x.key.name)
+        await self.limiter.release(x.key.name, x.lease)
         if r is not None:
             log.info("request %s key=%s replica=%s status=%s tokens=%d+%d %.3fs", x.rid, x.key.name, r.name,
                      x.status, x.prompt_tokens, x.output_tokens, time.time() - x.started)
@@ -439,7 +440,7 @@ class Gateway:
                 await asyncio.sleep(QUEUE_TICK_S)
                 self.pump()
 
-        await asyncio.gather(self.fleet.run(after_probe=self.pump), tick())
+        await asyncio.gather(self.fleet.run(after_probe=self.pump), tick(), self.limiter.run())
 
     async def aclose(self) -> None:
         await self.client.aclose()

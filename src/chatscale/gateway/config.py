@@ -93,6 +93,7 @@ class FleetConfig:
     admission: AdmissionSpec = field(default_factory=AdmissionSpec)
     keys: list[KeySpec] = field(default_factory=list)
     redis_url: str | None = None
+    concurrency_lease: float = 10.0  # with Redis: seconds a dead gateway's concurrency slots outlive it
 
 
 def _build(cls, raw: dict | None, **nested):
