@@ -42,12 +42,12 @@ class Replica:
     """A real chatscale server (tiny model, one torch thread) in this process, which can crash:
     kill() aborts every open connection and stops listening, as a killed process looks on the wire."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, **settings):
         self.engine = make_engine(path)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.sock, self.url = sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(api(self.engine), log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(api(self.engine, **settings), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         assert wait_until(lambda: self.server.started, 20)
@@ -384,6 +384,40 @@ def test_overload_five_times_queues_fairly_and_says_at_capacity(replicas):
     assert "chatscale_gateway:queued_total" in metrics
     a, b = served["alice"], served["bob"]
     assert min(a, b) > 20 and abs(a - b) / max(a, b) <= 0.10, served
+
+
+def test_replicas_that_require_an_api_key(checkpoint, monkeypatch):
+    """Each replica's own key, from fleet.yaml or (kept out of the file) an environment variable."""
+    locked = [Replica(checkpoint("llama"), api_key=f"sk-replica-{i}") for i in range(2)]
+    try:
+        assert httpx.post(f"{locked[0].url}/v1/chat/completions", json=chat("hi")).status_code == 401
+        monkeypatch.setenv("REPLICA_1_KEY", "sk-replica-1")
+        cfg = {"regions": {"local": {"replicas": [
+            {"name": "r0", "url": locked[0].url, "api_key": "sk-replica-0"},
+            {"name": "r1", "url": locked[1].url, "api_key_env": "REPLICA_1_KEY"}]}},
+            "scrape_interval": 0.2, "keys": [key_entry("alice")], "policy": "round-robin"}
+        with gateway(cfg) as url, httpx.Client(base_url=url, timeout=30) as client:
+            answers = [client.post("/v1/chat/completions", json=chat("hi"), headers=auth("alice")) for _ in range(4)]
+            assert [a.status_code for a in answers] == [200] * 4
+            assert {a.headers["x-chatscale-replica"] for a in answers} == {"r0", "r1"}
+            assert client.get("/v1/models", headers=auth("alice")).json()["data"][0]["id"] == "tiny"
+            # the load scrape (GET /metrics, behind the key) reaches the replicas too: it sees their KV in use
+            with client.stream("POST", "/v1/chat/completions", json=chat("hi", 400, stream=True),
+                               headers=auth("alice")) as busy:
+                assert busy.status_code == 200
+                assert wait_until(lambda: any(line.startswith("chatscale_gateway:replica_kv_usage{")
+                                              and float(line.split()[-1]) > 0
+                                              for line in client.get("/metrics").text.splitlines()))
+    finally:
+        for r in locked:
+            r.stop()
+
+
+def test_replica_credentials_must_resolve():
+    with pytest.raises(ValueError, match="NO_SUCH_KEY"):
+        parse({"regions": {"a": {"replicas": [{"url": "http://127.0.0.1:1", "api_key_env": "NO_SUCH_KEY"}]}}})
+    with pytest.raises(ValueError, match="one of"):
+        parse({"regions": {"a": {"replicas": [{"url": "http://127.0.0.1:1", "api_key": "x", "api_key_env": "Y"}]}}})
 
 
 def failing_replica(status: int, retry_after: str | None = None) -> FastAPI:

@@ -283,7 +283,7 @@ class Gateway:
 
     async def _forward(self, x: Exchange, route: Route | None) -> Response:
         """Attempts until one yields a first body byte; then the response, whole or streamed."""
-        headers = {"content-type": "application/json", "x-request-id": x.rid}
+        headers = {"content-type": "application/json", "x-request-id": x.rid}  # and each replica's key
         body, x.hide_usage = x.body, False
         if body.get("stream") and not (body.get("stream_options") or {}).get("include_usage"):
             # Ask for the usage chunk (TPM settles on it) and keep it from a client that did not ask.
@@ -301,7 +301,8 @@ class Gateway:
             upstream = None
             try:
                 upstream = await self.client.send(
-                    self.client.build_request("POST", f"{r.url}{x.path}", content=content, headers=headers),
+                    self.client.build_request("POST", f"{r.url}{x.path}", content=content,
+                                              headers={**headers, **self.fleet.credentials[r.name]}),
                     stream=True)
                 if upstream.status_code >= 500 or upstream.status_code == 429:
                     raise _Busy(upstream)
@@ -417,7 +418,8 @@ class Gateway:
             return Refused(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key").response()
         for r in self.fleet.available():
             try:
-                upstream = await self.client.get(f"{r.url}/v1/models", timeout=self.cfg.probe_timeout)
+                upstream = await self.client.get(f"{r.url}/v1/models", timeout=self.cfg.probe_timeout,
+                                                 headers=self.fleet.credentials[r.name])
             except httpx.HTTPError:
                 continue
             if upstream.status_code == 200:
