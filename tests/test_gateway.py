@@ -208,6 +208,7 @@ MALFORMED = [  # what the gateway reads itself (prompt, messages, n, max_tokens,
     ("/v1/completions", b'{"prompt": {"a": 1}}', "prompt"),
     ("/v1/completions", b'{"prompt": "hi", "n": "2"}', "n"),
     ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2.5}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": "hi", "n": 129}', "n"),
     ("/v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": 3}', "stream_options"),
     ("/v1/completions", DEEP, None),
     ("/v1/completions", b'{"prompt": "a\xffb"}', None),  # not UTF-8
@@ -296,6 +297,8 @@ def test_two_gateways_share_limits_and_affinity_through_redis(replicas, redis_ur
 
         codes = asyncio.run(burst())
         assert codes.count(200) == 6 and codes.count(429) == 6  # atomic across both gateways
+        huge = httpx.post(f"{one}/v1/chat/completions", headers=auth("bob"), json=chat("hi", 1e300), timeout=30)
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "max_tokens"  # was a 500 from Redis
         for c in range(3):
             messages = [{"role": "user", "content": f"Shared conversation {c}. {QUESTION}"}]
             r1 = httpx.post(f"{one}/v1/chat/completions", headers=auth("bob"), timeout=30,

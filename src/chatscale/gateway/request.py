@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 
+MAX_N = 128  # OpenAI's
+# No model's context is longer; and the TPM reservation (prompt + max_tokens x n per prompt) stays
+# an integer Redis can count (a 1e300 had been a 500 from its INCRBY).
+MAX_TOKENS = 2**31 - 1
+
+
 class Malformed(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -44,8 +50,8 @@ def read(body: dict) -> Generation:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise Malformed("Invalid value for 'stream_options': an object is required.", "stream_options")
-    n = _integer(body, "n") or 1
-    max_tokens = _integer(body, "max_completion_tokens") or _integer(body, "max_tokens")
+    n = _integer(body, "n", MAX_N) or 1
+    max_tokens = _integer(body, "max_completion_tokens", MAX_TOKENS) or _integer(body, "max_tokens", MAX_TOKENS)
     if "messages" in body:
         return Generation(body, _conversation(body["messages"]), None, 1, n, max_tokens)
     prompts = _prompts(body.get("prompt", ""))
@@ -54,12 +60,12 @@ def read(body: dict) -> Generation:
     return Generation(body, prompts[0], sum(len(p) for p in prompts), len(prompts), n, max_tokens)
 
 
-def _integer(body: dict, name: str) -> int | None:
+def _integer(body: dict, name: str, most: int) -> int | None:
     value = body.get(name)
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # JSON Schema's integers include 4.0
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise Malformed(f"Invalid value for '{name}': a positive integer is required.", name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most):
+        raise Malformed(f"Invalid value for '{name}': an integer from 1 to {most} is required.", name)
     return value
 
 
