@@ -302,7 +302,7 @@ class Gateway:
             try:
                 upstream = await self.client.send(
                     self.client.build_request("POST", f"{r.url}{x.path}", content=content,
-                                              headers={**headers, **self.fleet.credentials[r.name]}),
+                                              headers={**headers, **self.fleet.auth(r)}),
                     stream=True)
                 if upstream.status_code >= 500 or upstream.status_code == 429:
                     raise _Busy(upstream)
@@ -419,7 +419,7 @@ class Gateway:
         for r in self.fleet.available():
             try:
                 upstream = await self.client.get(f"{r.url}/v1/models", timeout=self.cfg.probe_timeout,
-                                                 headers=self.fleet.credentials[r.name])
+                                                 headers=self.fleet.auth(r))
             except httpx.HTTPError:
                 continue
             if upstream.status_code == 200:

@@ -66,6 +66,10 @@ class Fleet:
         self._resolved: list[ReplicaSpec] = []
         self._sync()
 
+    def auth(self, r: ReplicaState) -> dict[str, str]:
+        """The headers that carry the replica's own key (none if it has none, or left the config)."""
+        return self.credentials.get(r.name, {})
+
     def available(self) -> list[ReplicaState]:
         now = self.clock()
         return [r for r in self.replicas.values() if r.available(now)]
@@ -143,7 +147,7 @@ class Fleet:
             health = await self.client.get(f"{r.url}/health", timeout=timeout)
             if health.status_code != 200:
                 return self.eject(r, f"health {health.status_code}")
-            metrics = await self.client.get(f"{r.url}/metrics", timeout=timeout, headers=self.credentials[r.name])
+            metrics = await self.client.get(f"{r.url}/metrics", timeout=timeout, headers=self.auth(r))
         except httpx.HTTPError as exc:
             return self.eject(r, type(exc).__name__)
         if metrics.status_code == 200:
