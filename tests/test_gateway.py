@@ -166,7 +166,8 @@ def test_keys_limits_and_policies(replicas, tmp_path):
             async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
                 async with ac.stream("POST", "/v1/chat/completions", headers=auth("single"),
                                      json=chat("hi", 400, stream=True)) as first:
-                    await anext(first.aiter_lines())
+                    lines = first.aiter_lines()  # kept: dropping the iterator drops the connection
+                    await anext(lines)
                     second = await ac.post("/v1/chat/completions", headers=auth("single"), json=chat("hi"))
                     return [first.status_code, second.status_code]
 
@@ -336,8 +337,8 @@ def test_a_killed_gateway_gives_its_concurrency_slots_back(slow_replica, redis_u
         with gateway(cfg, redis_url=redis_url) as survivor, httpx.Client(timeout=60) as client:
             streams = [client.stream("POST", f"{doomed}/v1/chat/completions", headers=auth("single"),
                                      json=chat("hi", 400, stream=True)) for _ in range(2)]
-            for s in streams:
-                assert next(s.__enter__().iter_lines()).startswith("data: ")
+            lines = [s.__enter__().iter_lines() for s in streams]  # kept: dropping one drops its connection
+            assert all(next(one).startswith("data: ") for one in lines)
             refused = client.post(f"{survivor}/v1/chat/completions", headers=auth("single"), json=chat("hi", 2))
             assert refused.status_code == 429 and refused.headers["x-chatscale-reject-reason"] == "concurrency"
             time.sleep(3)  # three lease periods: the living gateway renews its leases

@@ -45,13 +45,16 @@ def test_requests_at_the_caps_are_served(client):
     assert r.status_code == 200 and len(r.json()["choices"]) == 8
 
 
-def test_admission_counts_sequences_not_requests(server_engine):
+def test_admission_counts_sequences_not_requests(server_engine, monkeypatch):
+    step = server_engine.engine.step
+    monkeypatch.setattr(server_engine.engine, "step", lambda: time.sleep(0.02) or step())  # streams last seconds
     app = api(server_engine, max_concurrent_sequences=4)
     slots = app.state.server.slots
     long = {"prompt": "Hello", "max_tokens": 400, "ignore_eos": True}
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json={**long, "n": 3, "stream": True}) as r:
-            assert next(r.iter_lines()).startswith("data: ")
+            lines = r.iter_lines()  # kept: dropping the iterator drops the connection
+            assert next(lines).startswith("data: ")
             assert slots.held == 3
             refused = c.post("/v1/completions", json={**long, "n": 2})  # 3 + 2 > 4: one HTTP request too many
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
