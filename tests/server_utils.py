@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -52,6 +55,26 @@ def running(app: FastAPI) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def cli_server(args: list[str], output=subprocess.DEVNULL, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    """`chatscale ARGS --port P` in its own process on a free port, once its /health answers 200."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "chatscale.cli", *args, "--port", str(port)], stdout=output,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, f"chatscale {args[0]} exited"
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    if not wait_until(healthy, timeout):
+        proc.kill()
+        raise AssertionError(f"chatscale {args[0]} did not become healthy")
+    return proc, url
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -7,6 +7,7 @@ busy two-core machine); the replica-killing test runs last: it leaves the fleet 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
-from server_utils import api, free_port, make_engine, running, sse_events, wait_until
+from server_utils import api, cli_server, free_port, make_engine, running, sse_events, wait_until
 
 from chatscale.gateway.app import create_app
 from chatscale.gateway.config import hash_key, parse
@@ -41,12 +42,12 @@ class Replica:
     """A real chatscale server (tiny model, one torch thread) in this process, which can crash:
     kill() aborts every open connection and stops listening, as a killed process looks on the wire."""
 
-    def __init__(self, path: Path):
-        self.engine = make_engine(path)
+    def __init__(self, path: Path, engine_config: dict | None = None, **settings):
+        self.engine = make_engine(path, **(engine_config or {}))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.sock, self.url = sock, f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(api(self.engine), log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(api(self.engine, **settings), log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         assert wait_until(lambda: self.server.started, 20)
@@ -164,8 +165,9 @@ def test_keys_limits_and_policies(replicas, tmp_path):
         async def two_at_once() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as ac:
                 async with ac.stream("POST", "/v1/chat/completions", headers=auth("single"),
-                                     json=chat("hi", 64, stream=True)) as first:
-                    await anext(first.aiter_lines())
+                                     json=chat("hi", 400, stream=True)) as first:
+                    lines = first.aiter_lines()  # kept: dropping the iterator drops the connection
+                    await anext(lines)
                     second = await ac.post("/v1/chat/completions", headers=auth("single"), json=chat("hi"))
                     return [first.status_code, second.status_code]
 
@@ -193,6 +195,70 @@ def test_config_reload_and_dns_replicas(replicas, tmp_path):
         path.write_text(json.dumps(cfg))
         assert wait_until(lambda: httpx.post(f"{url}/v1/chat/completions", json=chat("hi"), headers=auth("bob"),
                                              timeout=30).status_code == 200, 5)
+
+
+DEEP = b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+MALFORMED = [  # what the gateway reads itself (prompt, messages, n, max_tokens, stream_options) must not 500
+    ("/v1/chat/completions", b'{"messages": 5}', "messages"),
+    ("/v1/chat/completions", b'{"messages": [5]}', "messages.[0]"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+     "messages.[0].content.[0].text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages.[0].content"),
+    ("/v1/completions", b'{"prompt": ["a", 1]}', "prompt.[1]"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"prompt": {"a": 1}}', "prompt"),
+    ("/v1/completions", b'{"prompt": "hi", "n": "2"}', "n"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 2.5}', "max_tokens"),
+    ("/v1/completions", b'{"prompt": "hi", "n": 129}', "n"),
+    ("/v1/completions", b'{"prompt": "hi", "stream": true, "stream_options": 3}', "stream_options"),
+    ("/v1/completions", DEEP, None),
+    ("/v1/completions", b'{"prompt": "a\xffb"}', None),  # not UTF-8
+    ("/v1/completions", b"[1]", None),
+]
+
+
+@pytest.mark.parametrize("path,body,param", MALFORMED)
+def test_malformed_bodies_are_openai_shaped_400s(replicas, path, body, param):
+    cfg = fleet_config([r.url for r in replicas])
+    cfg["keys"].append(key_entry("cat", policies=[{"action": "rewrite"}]))
+    with gateway(cfg) as url:
+        for key in ("alice", "cat"):  # the rewrite policy reads the messages too
+            r = httpx.post(f"{url}{path}", content=body, timeout=30,
+                           headers={**auth(key), "content-type": "application/json"})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+            assert error["param"] == param
+
+
+def test_valid_bodies_the_gateway_does_not_model_are_forwarded(replicas):
+    with gateway(fleet_config([r.url for r in replicas])) as url, httpx.Client(base_url=url, timeout=30) as c:
+        batch = c.post("/v1/completions", headers=auth("alice"),  # a batch of token-id prompts
+                       json={"model": "tiny", "prompt": [[1, 2, 3], [4, 5]], "max_tokens": 2, "n": 2.0})
+        assert batch.status_code == 200, batch.text
+        assert len(batch.json()["choices"]) == 4
+        lone = c.post("/v1/chat/completions", headers={**auth("alice"), "content-type": "application/json"},
+                      content=json.dumps(chat("hi", stop="\ud800")))  # a field only the replica reads
+        assert lone.status_code == 400 and lone.json()["error"]["param"] == "stop"
+
+
+def test_request_bodies_are_bounded(replicas):
+    cfg = fleet_config([r.url for r in replicas], max_body_bytes=100_000, body_timeout=1.0)
+    big = json.dumps(chat("x" * 200_000)).encode()
+    with gateway(cfg) as url:
+        for headers in ({}, {"transfer-encoding": "chunked"}):  # declared, and not
+            content = big if not headers else iter([big[i:i + 65536] for i in range(0, len(big), 65536)])
+            r = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=30,
+                           headers={**auth("alice"), "content-type": "application/json", **headers})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as slow:
+            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                         b"Authorization: Bearer " + KEYS["alice"].encode() + b"\r\n\r\n{")
+            slow.settimeout(10)
+            assert slow.recv(4096).startswith(b"HTTP/1.1 408")
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat("hi"), headers=auth("alice"),
+                          timeout=30).status_code == 200
 
 
 @pytest.fixture
@@ -232,6 +298,8 @@ def test_two_gateways_share_limits_and_affinity_through_redis(replicas, redis_ur
 
         codes = asyncio.run(burst())
         assert codes.count(200) == 6 and codes.count(429) == 6  # atomic across both gateways
+        huge = httpx.post(f"{one}/v1/chat/completions", headers=auth("bob"), json=chat("hi", 1e300), timeout=30)
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "max_tokens"  # was a 500 from Redis
         for c in range(3):
             messages = [{"role": "user", "content": f"Shared conversation {c}. {QUESTION}"}]
             r1 = httpx.post(f"{one}/v1/chat/completions", headers=auth("bob"), timeout=30,
@@ -240,6 +308,46 @@ def test_two_gateways_share_limits_and_affinity_through_redis(replicas, redis_ur
             r2 = httpx.post(f"{two}/v1/chat/completions", headers=auth("bob"), timeout=30,
                             json={**chat(""), "messages": messages})
             assert r2.headers["x-chatscale-replica"] == r1.headers["x-chatscale-replica"]
+
+
+@pytest.fixture
+def slow_replica(checkpoint) -> Iterator[Replica]:
+    """A real server whose every step takes 20 ms more: a stream of 400 tokens lasts 8 s or more."""
+    replica = Replica(checkpoint("llama"), engine_config={"executor": "fault_executors:SlowExecutor"})
+    yield replica
+    replica.stop()
+
+
+def test_a_killed_gateway_gives_its_concurrency_slots_back(slow_replica, redis_url, tmp_path):
+    """Two gateways on one Redis; the key may hold 2 requests. One gateway holds both, and is killed -9:
+    within the lease (1 s here) the other admits the key again, where it had refused it for an hour."""
+    cfg = fleet_config([slow_replica.url], concurrency_lease=1.0)
+    cfg["keys"] = [key_entry("single", concurrency=2)]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(json.dumps(cfg))
+    proc, doomed = cli_server(["gateway", "--config", str(path), "--redis-url", redis_url], timeout=30)
+    try:
+        with gateway(cfg, redis_url=redis_url) as survivor, httpx.Client(timeout=60) as client:
+            streams = [client.stream("POST", f"{doomed}/v1/chat/completions", headers=auth("single"),
+                                     json=chat("hi", 400, stream=True)) for _ in range(2)]
+            lines = [s.__enter__().iter_lines() for s in streams]  # kept: dropping one drops its connection
+            assert all(next(one).startswith("data: ") for one in lines)
+            refused = client.post(f"{survivor}/v1/chat/completions", headers=auth("single"), json=chat("hi", 2))
+            assert refused.status_code == 429 and refused.headers["x-chatscale-reject-reason"] == "concurrency"
+            time.sleep(3)  # three lease periods: the living gateway renews its leases
+            again = client.post(f"{survivor}/v1/chat/completions", headers=auth("single"), json=chat("hi", 2))
+            assert again.status_code == 429
+            proc.kill()
+            proc.wait(10)
+            killed = time.monotonic()
+            assert wait_until(lambda: client.post(f"{survivor}/v1/chat/completions", headers=auth("single"),
+                                                  json=chat("hi", 2)).status_code == 200, 10)
+            assert time.monotonic() - killed < 4  # the lease (1 s), its pruning and one request
+            for s in streams:
+                with contextlib.suppress(httpx.HTTPError):
+                    s.__exit__(None, None, None)
+    finally:
+        proc.kill()
 
 
 def test_overload_five_times_queues_fairly_and_says_at_capacity(replicas):
@@ -273,6 +381,40 @@ def test_overload_five_times_queues_fairly_and_says_at_capacity(replicas):
     assert "chatscale_gateway:queued_total" in metrics
     a, b = served["alice"], served["bob"]
     assert min(a, b) > 20 and abs(a - b) / max(a, b) <= 0.10, served
+
+
+def test_replicas_that_require_an_api_key(checkpoint, monkeypatch):
+    """Each replica's own key, from fleet.yaml or (kept out of the file) an environment variable."""
+    locked = [Replica(checkpoint("llama"), api_key=f"sk-replica-{i}") for i in range(2)]
+    try:
+        assert httpx.post(f"{locked[0].url}/v1/chat/completions", json=chat("hi")).status_code == 401
+        monkeypatch.setenv("REPLICA_1_KEY", "sk-replica-1")
+        cfg = {"regions": {"local": {"replicas": [
+            {"name": "r0", "url": locked[0].url, "api_key": "sk-replica-0"},
+            {"name": "r1", "url": locked[1].url, "api_key_env": "REPLICA_1_KEY"}]}},
+            "scrape_interval": 0.2, "keys": [key_entry("alice")], "policy": "round-robin"}
+        with gateway(cfg) as url, httpx.Client(base_url=url, timeout=30) as client:
+            answers = [client.post("/v1/chat/completions", json=chat("hi"), headers=auth("alice")) for _ in range(4)]
+            assert [a.status_code for a in answers] == [200] * 4
+            assert {a.headers["x-chatscale-replica"] for a in answers} == {"r0", "r1"}
+            assert client.get("/v1/models", headers=auth("alice")).json()["data"][0]["id"] == "tiny"
+            # the load scrape (GET /metrics, behind the key) reaches the replicas too: it sees their KV in use
+            with client.stream("POST", "/v1/chat/completions", json=chat("hi", 400, stream=True),
+                               headers=auth("alice")) as busy:
+                assert busy.status_code == 200
+                assert wait_until(lambda: any(line.startswith("chatscale_gateway:replica_kv_usage{")
+                                              and float(line.split()[-1]) > 0
+                                              for line in client.get("/metrics").text.splitlines()))
+    finally:
+        for r in locked:
+            r.stop()
+
+
+def test_replica_credentials_must_resolve():
+    with pytest.raises(ValueError, match="NO_SUCH_KEY"):
+        parse({"regions": {"a": {"replicas": [{"url": "http://127.0.0.1:1", "api_key_env": "NO_SUCH_KEY"}]}}})
+    with pytest.raises(ValueError, match="one of"):
+        parse({"regions": {"a": {"replicas": [{"url": "http://127.0.0.1:1", "api_key": "x", "api_key_env": "Y"}]}}})
 
 
 def failing_replica(status: int, retry_after: str | None = None) -> FastAPI:

@@ -148,10 +148,12 @@ def test_key_policies():
     assert apply(key, {"prompt": "hi"}, 1).body["prompt"].endswith("voice of a cat.\n\nhi")
 
 
-def test_the_example_fleet_yaml_loads():
+def test_the_example_fleet_yaml_loads(monkeypatch):
     from pathlib import Path
 
     from chatscale.gateway.config import load
 
+    monkeypatch.setenv("USE_1_KEY", "sk-replica")  # the replica key it reads from the environment
     cfg = load(Path(__file__).parents[1] / "deploy" / "fleet.yaml")
     assert {r.region for r in cfg.replicas} == {"us-east", "eu-west"} and cfg.dns and len(cfg.keys) == 4
+    assert [r.api_key for r in cfg.replicas if r.name == "use-1"] == ["sk-replica"]

@@ -3,11 +3,13 @@ OpenAI shape and status, limits, the API key, loading/health, metrics and tokeni
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 
 import pytest
 from fastapi.testclient import TestClient
-from server_utils import MODEL, api, make_engine, sse_events, wait_until
+from server_utils import MODEL, api, make_engine, running, sse_events, wait_until
 
 USER = [{"role": "user", "content": "What is a KV cache?"}]
 LONG = {"max_tokens": 6, "ignore_eos": True}
@@ -146,6 +148,9 @@ def test_malformed_requests(client):
     r = client.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert client.post("/v1/completions", json={"prompt": [], "max_tokens": 2}).status_code == 400
+    for body in (b'{"prompt": "a\xffb"}', b'{"prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"):  # not UTF-8; deep
+        r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert client.post("/v1/completions", json={"prompt": [1, 10**6]}).json()["error"]["param"] == "prompt"
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["message"] == "Invalid URL (GET /v1/nothing)"
@@ -242,3 +247,107 @@ def test_openapi_documents_the_api(client):
         assert path in spec["paths"], path
     chat_op = spec["paths"]["/v1/chat/completions"]["post"]
     assert {"400", "404", "429"} <= set(chat_op["responses"])
+
+
+# JSON may escape a lone UTF-16 surrogate, which no UTF-8 text (so no tokenizer, no response) can hold.
+LONE = "a\ud800b"
+SURROGATE_FIELDS = [
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", LONE]}, "prompt.[1]"),
+    ("/v1/completions", {"prompt": "hi", "stop": LONE}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["ok", LONE]}, "stop.[1]"),
+    ("/v1/completions", {"prompt": "hi", "user": LONE}, "user"),
+    ("/v1/completions", {"prompt": "hi", "model": LONE}, "model"),
+    ("/v1/completions", {"prompt": "hi", "cache_salt": LONE}, "cache_salt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages.[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     "messages.[0].content.[0].text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": LONE}]}, "messages.[0].name"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {LONE: 1}}, "logit_bias."),
+    ("/tokenize", {"prompt": LONE}, "prompt"),
+    ("/tokenize", {"messages": [{"role": "user", "content": LONE}]}, "messages.[0].content"),
+    ("/detokenize", {"tokens": [1], "model": LONE}, "model"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", SURROGATE_FIELDS)
+def test_lone_surrogates_are_a_400_naming_the_field(client, path, body, param):
+    r = client.post(path, content=json.dumps({"max_tokens": 2, **body}), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param or param.endswith(".") and error["param"].startswith(param)  # a dict key
+
+
+def test_a_lone_surrogate_leaves_the_connection_usable(server_engine):
+    with running(api(server_engine)) as url:
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        bad = json.dumps({"prompt": LONE, "max_tokens": 2})  # json.dumps escapes it as \ud800
+        conn.request("POST", "/v1/completions", bad, {"content-type": "application/json"})
+        first = conn.getresponse()
+        assert first.status == 400 and json.loads(first.read())["error"]["param"] == "prompt"
+        sock = conn.sock
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 2}),
+                     {"content-type": "application/json"})
+        second = conn.getresponse()
+        assert second.status == 200 and json.loads(second.read())["choices"]
+        assert conn.sock is sock  # the same keep-alive connection answered both
+        conn.close()
+
+
+VALIDATION = [  # each a 400 naming the field, as vLLM and OpenAI answer
+    ("/v1/chat/completions", {"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "hi", "stream": False, "stream_options": {}}, "stream_options"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "system"}, *USER]}, "messages.[0].content"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4.5}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1, -2]}, "prompt.[1]"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids.[0]"),
+    ("/detokenize", {"tokens": [-1]}, "tokens.[0]"),
+    ("/tokenize", {"prompt": "hi", "messages": USER}, "prompt"),
+    ("/tokenize", {"prompt": None, "messages": USER}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", VALIDATION)
+def test_validation_names_the_field(client, path, body, param):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_integral_floats_are_integers_as_the_schema_says(client):
+    r = client.post("/v1/completions", json={"prompt": [1.0, 2.0], "max_tokens": 4.0, "min_tokens": 0.0, "n": 2.0,
+                                             "ignore_eos": True, "stop_token_ids": [3.0], "seed": 7.0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] == 8
+    chat_r = chat(client, max_completion_tokens=3.0, logprobs=True, top_logprobs=2.0, ignore_eos=True)
+    assert chat_r.status_code == 200 and chat_r.json()["usage"]["completion_tokens"] == 3
+    assert client.post("/detokenize", json={"tokens": [1.0]}).status_code == 200
+    assistant = [*USER, {"role": "assistant", "content": None}, {"role": "user", "content": "Go on."}]
+    assert chat(client, messages=assistant, **LONG).status_code == 200  # an assistant turn may have no content
+
+
+def test_schema_states_what_validation_enforces(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["TokenizeRequest"]["oneOf"] == [{"required": ["prompt"]}, {"required": ["messages"]}]
+    assert schemas["TokenizeRequest"]["properties"]["prompt"]["type"] == "string"  # not nullable
+    assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["minimum"] == 0
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert {"type": "integer", "minimum": 0} in [p["items"] for p in prompt if p["type"] == "array"]
+    assert schemas["CompletionRequest"]["properties"]["stop_token_ids"]["anyOf"][0]["items"]["minimum"] == 0
+
+
+def test_context_length_error_names_the_prompt_of_a_text_completion(client):
+    error = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 600}).json()["error"]
+    assert "prompt" in error["message"] and "messages" not in error["message"]
+    error = chat(client, max_tokens=600).json()["error"]
+    assert "in the messages" in error["message"] and error["param"] == "messages"
+
+
+def test_api_key_scheme_is_case_insensitive(server_engine):
+    client = TestClient(api(server_engine, api_key="sk-test"))
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert client.get("/v1/models", headers={"Authorization": f"{scheme} sk-test"}).status_code == 200, scheme
+    assert client.get("/v1/models", headers={"Authorization": "Basic sk-test"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "bearer sk-tes"}).status_code == 401

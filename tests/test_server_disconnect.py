@@ -3,14 +3,14 @@ engine request and KV blocks at once, and SIGTERM drains in-flight requests befo
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
-import sys
 import threading
 
 import httpx
 import pytest
-from server_utils import api, engine_idle, free_port, make_engine, running, wait_until
+from server_utils import api, cli_server, engine_idle, make_engine, running, wait_until
 
 BODY = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 400, "ignore_eos": True}
 
@@ -47,7 +47,7 @@ def test_dropped_clients_abort_their_requests_and_free_kv_blocks(slow_engine):
             assert wait_until(lambda: snap().num_waiting == 0), "queued requests were not aborted"
             assert snap().num_running == 1 and next(events)  # the first one is still streaming
         assert wait_until(lambda: engine_idle(slow_engine)), "the mid-stream drop was not aborted"
-        assert wait_until(lambda: app.state.server.in_flight == 0)
+        assert wait_until(lambda: app.state.server.slots.held == 0)
         r = running_client.post("/v1/chat/completions", json={**BODY, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
@@ -60,22 +60,8 @@ def _post_and_give_up(url: str, outcome: list[BaseException]) -> None:
 
 
 def _serve(checkpoint, log, drain_timeout: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatscale.cli", "serve", "--model", str(checkpoint("llama")), "--port", str(port),
-         "--threads", "1", "--kv-cache-bytes", "4MiB", "--drain-timeout", str(drain_timeout)],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, "chatscale serve exited"
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    assert wait_until(healthy, 90), "chatscale serve did not become healthy"
-    return proc, url
+    return cli_server(["serve", "--model", str(checkpoint("llama")), "--threads", "1", "--kv-cache-bytes", "4MiB",
+                       "--drain-timeout", str(drain_timeout)], output=log)
 
 
 def _refused(url: str) -> bool:
@@ -88,15 +74,21 @@ def _refused(url: str) -> bool:
 
 # n=16 choices of 480 tokens: seconds of work on this tiny model, so SIGTERM lands mid-request.
 LONG = {"prompt": "Hello", "max_tokens": 480, "n": 16, "ignore_eos": True, "stream": True}
+WHOLE = {"prompt": "Hi", "max_tokens": 480, "n": 2, "ignore_eos": True}  # and one not streamed
 
 
-def _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout: float) -> tuple[list[str], bool, int, str]:
-    """Start a long stream, SIGTERM the server after its first event, and read on. Returns the
-    events after the signal, whether the stream was cut, the exit code and the server's log."""
+def _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout: float) -> tuple[list[str], bool, int, str, dict]:
+    """Start a whole (not streamed) request and a long stream, SIGTERM the server after the stream's
+    first event, and read on. Returns the stream's events after the signal, whether it was cut, the
+    exit code, the server's log and the whole request's answer."""
     with (tmp_path / "serve.log").open("w+") as log:
         proc, url = _serve(checkpoint, log, drain_timeout)
-        rest, cut = [], False
+        rest, cut, whole = [], False, {}
+        waiting = threading.Thread(target=lambda: whole.update(
+            httpx.post(f"{url}/v1/completions", json=WHOLE, timeout=60).json()))
         try:
+            waiting.start()
+            assert wait_until(lambda: _sequences_in_engine(url) == 2, 30)
             with httpx.stream("POST", f"{url}/v1/completions", json=LONG, timeout=60) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
@@ -107,20 +99,35 @@ def _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout: float) -> tuple[lis
                 except httpx.RemoteProtocolError:
                     cut = True
             code = proc.wait(30)
+            waiting.join(30)
         finally:
             proc.kill()
         log.seek(0)
-        return rest, cut, code, log.read()
+        return rest, cut, code, log.read(), whole
+
+
+def _sequences_in_engine(url: str) -> int:
+    lines = httpx.get(f"{url}/metrics", timeout=5).text.splitlines()
+    return sum(int(float(x.split()[-1])) for x in lines
+               if x.startswith(("chatscale:num_requests_running{", "chatscale:num_requests_waiting{")))
+
+
+def _finish_reasons(events: list[str]) -> list[str]:
+    chunks = [json.loads(e[6:]) for e in events if e != "data: [DONE]"]
+    return [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(checkpoint, tmp_path):
-    rest, cut, code, log = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=60)
-    assert not cut and rest[-1] == "data: [DONE]" and sum('"finish_reason":"length"' in x for x in rest) == 16
+    rest, cut, code, log, whole = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=60)
+    assert not cut and rest[-1] == "data: [DONE]" and _finish_reasons(rest) == ["length"] * 16
+    assert [c["finish_reason"] for c in whole["choices"]] == ["length"] * 2
     assert code == 0
     assert "Waiting for connections to close" in log  # the request really was in flight
 
 
-def test_drain_timeout_cuts_what_is_left_and_still_exits_0(checkpoint, tmp_path):
-    _, cut, code, log = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=0.5)
-    assert cut and code == 0  # the stream ended without [DONE]
-    assert "timeout graceful shutdown exceeded" in log
+def test_drain_timeout_ends_what_is_left_with_abort_then_done_and_exits_0(checkpoint, tmp_path):
+    rest, cut, code, log, whole = _sigterm_mid_stream(checkpoint, tmp_path, drain_timeout=0.5)
+    assert not cut and rest[-1] == "data: [DONE]"  # was: the connection closed mid-stream
+    assert sorted(_finish_reasons(rest)) == ["abort"] * 16  # every choice ends, as vLLM's do
+    assert [c["finish_reason"] for c in whole["choices"]] == ["abort"] * 2  # the whole answer so far
+    assert code == 0 and "timeout graceful shutdown exceeded" not in log

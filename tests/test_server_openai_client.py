@@ -110,7 +110,7 @@ def test_unknown_model_and_wrong_key(client, url):
 
 
 def test_over_capacity_raises_rate_limit_error(server_engine):
-    with running(api(server_engine, max_concurrent_requests=1)) as url:
+    with running(api(server_engine, max_concurrent_sequences=1)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         stream = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=400, stream=True,
                                                 extra_body={"ignore_eos": True})

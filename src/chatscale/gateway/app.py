@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from chatscale.gateway import policy as key_policy
+from chatscale.gateway import request as request_body
 from chatscale.gateway.admission import Admission, Ticket, saturated
 from chatscale.gateway.config import FleetConfig, KeySpec
 from chatscale.gateway.fleet import Fleet
@@ -33,6 +34,7 @@ from chatscale.gateway.limits import KeyStore, MemoryLimiter
 from chatscale.gateway.metrics import GatewayMetrics
 from chatscale.gateway.routing import (CacheAffinity, Policy, PrefixIndex, ReplicaState, Route, RouteRequest,
                                        block_hashes, make_policy, text_block_hashes)
+from chatscale.request_body import BodyRefused, read_body
 
 log = logging.getLogger("chatscale.gateway")
 QUEUE_TICK_S = 0.05  # how often queued requests are checked for timeouts and free room
@@ -42,12 +44,13 @@ DONE = b"data: [DONE]\n\n"
 class Refused(Exception):
     """A request the gateway answers itself, in OpenAI's error shape."""
 
-    def __init__(self, status: int, message: str, type: str, code: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, type: str, code: str | None, headers: dict[str, str] | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.type, self.code, self.headers = status, type, code, headers or {}
+        self.status, self.type, self.code, self.headers, self.param = status, type, code, headers or {}, param
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.type, "param": None, "code": self.code}}
+        body = {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, self.status, headers=self.headers)
 
 
@@ -83,22 +86,6 @@ def first_token_in(data: bytes) -> bool:
     return False
 
 
-def prompt_text(body: dict) -> str | list[int]:
-    """The text the replica will see first (or token ids, for a token-id completion prompt)."""
-    if "messages" in body:
-        parts = []
-        for m in body.get("messages") or []:
-            content = m.get("content") if isinstance(m, dict) else ""
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            parts.append(f"{m.get('role', '') if isinstance(m, dict) else ''}\n{content or ''}\n")
-        return "".join(parts)
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return prompt
-    return "\n".join(prompt) if isinstance(prompt, list) else str(prompt)
-
-
 @dataclass
 class Exchange:
     """One generation request's state across its attempts."""
@@ -112,6 +99,7 @@ class Exchange:
     cost: int
     window: int
     started: float
+    lease: str | None  # the key's concurrency slot, given back in _finish
     region: str = ""
     replica: str = ""
     output_tokens: int = 0
@@ -131,7 +119,7 @@ class Gateway:
         if redis_url:
             from chatscale.gateway.redis_state import RedisAffinity, RedisLimiter
 
-            self.limiter, self.affinity = RedisLimiter(redis_url), RedisAffinity(redis_url)
+            self.limiter, self.affinity = RedisLimiter(redis_url, cfg.concurrency_lease), RedisAffinity(redis_url)
         else:
             self.limiter, self.affinity = MemoryLimiter(), None
         self.log_file = request_log.open("a", buffering=1) if request_log else None
@@ -250,31 +238,26 @@ class Gateway:
         key = self.keys.lookup(request.headers.get("authorization"))
         if key is None:
             raise Refused(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key")
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise Refused(400, "The body must be a JSON object.", "invalid_request_error", "invalid_json")
+        gen = await self._read(request)
         band = key.priority
         if key.priority_header and request.headers.get("x-priority", "").isdigit():
             band = int(request.headers["x-priority"])
-        applied = key_policy.apply(key, body, band)
+        applied = key_policy.apply(key, gen.body, band)
         if applied.blocked:
             raise Refused(403, "This API key is blocked.", "permission_error", "key_blocked")
-        chain, prompt_tokens = self._prefix(prompt_text(applied.body))
-        max_tokens = applied.body.get("max_completion_tokens") or applied.body.get("max_tokens") \
-            or self.cfg.default_max_tokens
-        n = applied.body.get("n") or 1
-        cost = prompt_tokens + int(max_tokens) * int(n) if str(max_tokens).isdigit() and str(n).isdigit() \
-            else prompt_tokens + self.cfg.default_max_tokens
+        if applied.body is not gen.body:  # rewritten: route and count what the replica will see
+            gen = request_body.read(applied.body)
+        chain, counted = self._prefix(gen.prompt)
+        prompt_tokens = counted if gen.prompt_tokens is None else gen.prompt_tokens
+        max_tokens = gen.max_tokens or self.cfg.default_max_tokens
+        cost = prompt_tokens + max_tokens * gen.n * gen.num_prompts
         verdict = await self.limiter.acquire(key.name, applied.limits, cost, time.time())
         if not verdict.ok:
             raise Refused(429, f"Rate limit reached for this key ({verdict.reason}).", "rate_limit_error",
                           "rate_limit_exceeded", {**verdict.headers, "retry-after": f"{verdict.retry_after:.0f}",
                                                   "x-chatscale-reject-reason": verdict.reason})
         x = Exchange(rid, key, request.url.path, applied.body, RouteRequest(chain, cost, key.name), prompt_tokens,
-                     cost, verdict.window, time.time())
+                     cost, verdict.window, time.time(), verdict.lease)
         try:
             if self.affinity is not None and isinstance(self.policy, CacheAffinity):
                 await self.affinity.pull(chain, self.policy.index)
@@ -288,9 +271,19 @@ class Gateway:
         response.headers.update({**verdict.headers, "x-request-id": rid})
         return response
 
+    async def _read(self, request: Request) -> request_body.Generation:
+        """The body, bounded in size and time, and the fields the gateway reads from it, checked."""
+        try:
+            messages = await read_body(request.scope, request.receive, self.cfg.max_body_bytes, self.cfg.body_timeout)
+            return request_body.parse(b"".join(m.get("body", b"") for m in messages))
+        except BodyRefused as refused:
+            raise Refused(refused.status, str(refused), "invalid_request_error", refused.code) from None
+        except request_body.Malformed as bad:
+            raise Refused(400, str(bad), "invalid_request_error", None, param=bad.param) from None
+
     async def _forward(self, x: Exchange, route: Route | None) -> Response:
         """Attempts until one yields a first body byte; then the response, whole or streamed."""
-        headers = {"content-type": "application/json", "x-request-id": x.rid}
+        headers = {"content-type": "application/json", "x-request-id": x.rid}  # and each replica's key
         body, x.hide_usage = x.body, False
         if body.get("stream") and not (body.get("stream_options") or {}).get("include_usage"):
             # Ask for the usage chunk (TPM settles on it) and keep it from a client that did not ask.
@@ -308,7 +301,8 @@ class Gateway:
             upstream = None
             try:
                 upstream = await self.client.send(
-                    self.client.build_request("POST", f"{r.url}{x.path}", content=content, headers=headers),
+                    self.client.build_request("POST", f"{r.url}{x.path}", content=content,
+                                              headers={**headers, **self.fleet.auth(r)}),
                     stream=True)
                 if upstream.status_code >= 500 or upstream.status_code == 429:
                     raise _Busy(upstream)
@@ -405,7 +399,7 @@ class Gateway:
         """Once per request: settle TPM to what was used, free the concurrency slot, log, let the queue move."""
         used = x.prompt_tokens + x.output_tokens if r is not None else 0
         await self.limiter.settle(x.key.name, x.window, used - x.cost)
-        await self.limiter.release(x.key.name)
+        await self.limiter.release(x.key.name, x.lease)
         if r is not None:
             log.info("request %s key=%s replica=%s status=%s tokens=%d+%d %.3fs", x.rid, x.key.name, r.name,
                      x.status, x.prompt_tokens, x.output_tokens, time.time() - x.started)
@@ -424,7 +418,8 @@ class Gateway:
             return Refused(401, "Invalid or missing API key.", "invalid_request_error", "invalid_api_key").response()
         for r in self.fleet.available():
             try:
-                upstream = await self.client.get(f"{r.url}/v1/models", timeout=self.cfg.probe_timeout)
+                upstream = await self.client.get(f"{r.url}/v1/models", timeout=self.cfg.probe_timeout,
+                                                 headers=self.fleet.auth(r))
             except httpx.HTTPError:
                 continue
             if upstream.status_code == 200:
@@ -447,7 +442,7 @@ class Gateway:
                 await asyncio.sleep(QUEUE_TICK_S)
                 self.pump()
 
-        await asyncio.gather(self.fleet.run(after_probe=self.pump), tick())
+        await asyncio.gather(self.fleet.run(after_probe=self.pump), tick(), self.limiter.run())
 
     async def aclose(self) -> None:
         await self.client.aclose()

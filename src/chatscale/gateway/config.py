@@ -7,6 +7,7 @@ to parse keeps the previous config. deploy/fleet.yaml is a commented example.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,10 @@ class ReplicaSpec:
     region: str
     weight: float = 1.0
     labels: dict[str, str] = field(default_factory=dict)
+    # The replica's own key (`chatscale serve --api-key`), sent as `Authorization: Bearer` with every
+    # request and probe; `api_key_env` names an environment variable holding it, to keep it out of the file.
+    api_key: str | None = field(default=None, repr=False)
+    api_key_env: str | None = None
 
 
 @dataclass
@@ -39,6 +44,18 @@ class DNSSpec:
     region: str
     scheme: str = "http"
     weight: float = 1.0
+    api_key: str | None = field(default=None, repr=False)  # as ReplicaSpec's, for every address
+    api_key_env: str | None = None
+
+
+def _resolve_key(spec: ReplicaSpec | DNSSpec) -> None:
+    """Read `api_key_env` into `api_key` now, so a missing variable fails the (re)load, not a request."""
+    if spec.api_key is not None and spec.api_key_env is not None:
+        raise ValueError("give a replica one of api_key and api_key_env, not both")
+    if spec.api_key_env is not None:
+        spec.api_key = os.environ.get(spec.api_key_env)
+        if spec.api_key is None:
+            raise ValueError(f"the environment variable {spec.api_key_env} (a replica's api_key_env) is not set")
 
 
 @dataclass
@@ -88,9 +105,12 @@ class FleetConfig:
     max_retries: int = 2  # re-routes of an attempt that failed before its first byte
     connect_timeout: float = 2.0
     default_max_tokens: int = 256  # reserved against TPM when a request names no max_tokens
+    max_body_bytes: int = 8 * 2**20  # a larger request body is a 413 (as the server's --max-body-bytes)
+    body_timeout: float = 30.0  # seconds a client gets to send its whole request body; slower: 408
     admission: AdmissionSpec = field(default_factory=AdmissionSpec)
     keys: list[KeySpec] = field(default_factory=list)
     redis_url: str | None = None
+    concurrency_lease: float = 10.0  # with Redis: seconds a dead gateway's concurrency slots outlive it
 
 
 def _build(cls, raw: dict | None, **nested):
@@ -125,6 +145,8 @@ def parse(raw: dict) -> FleetConfig:
             replicas.append(_build(ReplicaSpec, {**r, "region": region}))
         for d in (body or {}).get("dns", []):
             dns.append(_build(DNSSpec, {**d, "region": region}))
+    for spec in [*replicas, *dns]:
+        _resolve_key(spec)
     cfg = _build(FleetConfig, raw, weights=lambda w: _build(AffinityWeights, w),
                  admission=lambda a: _build(AdmissionSpec, a, saturation=lambda s: _build(SaturationLimits, s)),
                  keys=lambda ks: [_build(KeySpec, k, policies=lambda ps: [_policy(p) for p in ps]) for k in ks])

@@ -59,11 +59,16 @@ class Fleet:
         self.client, self.path, self.clock = client, path, clock
         self.on_config, self.on_eject = on_config, on_eject
         self.replicas: dict[str, ReplicaState] = {}
+        self.credentials: dict[str, dict[str, str]] = {}  # replica name -> the headers that carry its key
         self._backoff: dict[str, float] = {}
         self._mtime = path.stat().st_mtime if path else 0.0
         self.config = cfg
         self._resolved: list[ReplicaSpec] = []
         self._sync()
+
+    def auth(self, r: ReplicaState) -> dict[str, str]:
+        """The headers that carry the replica's own key (none if it has none, or left the config)."""
+        return self.credentials.get(r.name, {})
 
     def available(self) -> list[ReplicaState]:
         now = self.clock()
@@ -76,11 +81,13 @@ class Fleet:
         specs = {s.name: s for s in [*self.config.replicas, *self._resolved]}
         for name in set(self.replicas) - set(specs):
             del self.replicas[name]
+            self.credentials.pop(name, None)
         for s in specs.values():
             r = self.replicas.get(s.name)
             if r is None or r.url != s.url.rstrip("/"):
                 r = self.replicas[s.name] = ReplicaState(s.name, s.region, s.url.rstrip("/"))
             r.region, r.weight, r.labels = s.region, s.weight, s.labels
+            self.credentials[s.name] = {"authorization": f"Bearer {s.api_key}"} if s.api_key else {}
 
     def reload_if_changed(self) -> bool:
         if self.path is None:
@@ -111,7 +118,8 @@ class Fleet:
                 continue
             for addr in sorted({i[4][0] for i in infos}):
                 host = f"[{addr}]" if ":" in addr else addr
-                resolved.append(ReplicaSpec(f"{d.host}/{addr}", f"{d.scheme}://{host}:{d.port}", d.region, d.weight))
+                resolved.append(ReplicaSpec(f"{d.host}/{addr}", f"{d.scheme}://{host}:{d.port}", d.region, d.weight,
+                                            api_key=d.api_key))
         if resolved != self._resolved:
             self._resolved = resolved
             self._sync()
@@ -139,7 +147,7 @@ class Fleet:
             health = await self.client.get(f"{r.url}/health", timeout=timeout)
             if health.status_code != 200:
                 return self.eject(r, f"health {health.status_code}")
-            metrics = await self.client.get(f"{r.url}/metrics", timeout=timeout)
+            metrics = await self.client.get(f"{r.url}/metrics", timeout=timeout, headers=self.auth(r))
         except httpx.HTTPError as exc:
             return self.eject(r, type(exc).__name__)
         if metrics.status_code == 200:

@@ -2,9 +2,10 @@
 
 Requests and tokens count in fixed one-minute windows. TPM reserves prompt + max_tokens when a
 request is admitted and is corrected by the tokens it really used when it ends (`settle`), so a
-key that asks for 4,000 tokens and gets 40 is not charged 4,000. Concurrency is a counter held for
+key that asks for 4,000 tokens and gets 40 is not charged 4,000. Concurrency is a slot held for
 the request's life. This module keeps the counters in memory; redis_state.py keeps the same
-counters in Redis, updated atomically, so several gateways share them.
+counters in Redis, updated atomically, so several gateways share them (a slot there is a lease that
+its gateway renews, so a dead gateway's slots come back).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Verdict:
     retry_after: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     window: int = 0  # the window the tokens were reserved in, for settle()
+    lease: str | None = None  # the concurrency slot taken, for release() (Redis: a lease id)
 
 
 def window_of(now: float) -> int:
@@ -101,8 +103,11 @@ class MemoryLimiter:
         if (key, window) in self.tokens:
             self.tokens[key, window] = max(0, self.tokens[key, window] + delta_tokens)
 
-    async def release(self, key: str) -> None:
+    async def release(self, key: str, lease: str | None) -> None:
         self.concurrent[key] = max(0, self.concurrent[key] - 1)
+
+    async def run(self) -> None:
+        """Nothing to keep alive in memory (RedisLimiter renews its leases here)."""
 
     async def aclose(self) -> None:
         pass

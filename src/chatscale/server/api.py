@@ -51,6 +51,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: Server
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        state.drain_cut = asyncio.Event()
         sampler = asyncio.create_task(history.run(state))
         loading = None if state.engine is not None else asyncio.create_task(_load(state, engine))
         try:
@@ -143,8 +144,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
     core = state.ready_engine()
     _check_model(state, body.model)
-    if (body.prompt is None) == (body.messages is None):
-        raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
+    given = {"prompt", "messages"} & body.model_fields_set
+    if len(given) != 1 or (body.prompt is None and body.messages is None):  # as the schema's oneOf says
+        raise APIError(400, "Send exactly one of 'prompt' or 'messages', not null.", param="prompt")
     if body.messages is not None:
         ids = chat_prompt_ids(core.tokenizer, body.messages, body.add_generation_prompt)
     else:
@@ -168,10 +170,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     state = _state(request)
     engine = state.ready_engine()
     _check_model(state, body.model)
+    request.state.hold.take(1, body.n)
     tokenizer = engine.tokenizer
     gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [chat_prompt_ids(tokenizer, body.messages)],
                   body.sampling_overrides(), prompt_param="messages", cache_salt=body.cache_salt)
-    outs = outputs(engine, gen, state.metrics)
+    outs = outputs(engine, gen, state.metrics, state.drain_cut)
     if body.stream:
         return SSEResponse(chat_stream(gen, outs, tokenizer, body.include_usage))
     return chat_completion(gen, await cancel_on_disconnect(request, collect(outs)), tokenizer)
@@ -182,9 +185,11 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     state = _state(request)
     engine = state.ready_engine()
     _check_model(state, body.model)
-    gen = prepare(engine, "cmpl", state.settings.served_model_name, body.prompts(), body.sampling_overrides(),
+    prompts = body.prompts()
+    request.state.hold.take(len(prompts), body.n)
+    gen = prepare(engine, "cmpl", state.settings.served_model_name, prompts, body.sampling_overrides(),
                   prompt_param="prompt", cache_salt=body.cache_salt)
-    outs = outputs(engine, gen, state.metrics)
+    outs = outputs(engine, gen, state.metrics, state.drain_cut)
     tokenizer = engine.tokenizer
     if body.stream:
         return SSEResponse(text_stream(gen, outs, tokenizer, body.include_usage))

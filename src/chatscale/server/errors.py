@@ -58,8 +58,16 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, "The server had an error while processing your request.", "server_error")
 
 
+class _ErrorJSON(JSONResponse):
+    """An error body in ASCII JSON: an error may quote the request (a dict key in `param`), and a lone
+    surrogate in it must come back escaped rather than break the response (and the connection)."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse({"error": err.detail.model_dump()}, err.status, headers=err.headers)
+    return _ErrorJSON({"error": err.detail.model_dump()}, err.status, headers=err.headers)
 
 
 def error_event(exc: BaseException) -> str:
@@ -67,11 +75,19 @@ def error_event(exc: BaseException) -> str:
     return f"data: {json.dumps({'error': to_api_error(exc).detail.model_dump()})}\n\n"
 
 
+def _field_path(err: dict) -> list[str | int]:
+    """The error's location in the body, without pydantic's names of union members and validators."""
+    return [p for p in err["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in {"str", "int", "none"}))]
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
-    err = exc.errors()[0]
+    # A value that fits no member of a union (a prompt: text, texts or token ids) has one error per
+    # member; the deepest names the element at fault (`prompt.[1]`) rather than the whole field, and a
+    # wrong value (-2 for a token id) says more than a wrong type (-2 is not a string).
+    err = max(exc.errors(), key=lambda e: (len(_field_path(e)), not e["type"].endswith("_type")))
     if err["type"] == "json_invalid":
         return APIError(400, f"We could not parse the JSON body of your request: {err['msg']}.")
-    path = [p for p in err["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in {"str", "int"}))]
+    path = _field_path(err)
     param = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path) or None
     if err["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param or 'body'}'.", param=param,

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from chatscale.engine.async_engine import AsyncEngine
 from chatscale.engine.errors import ContextLengthError
-from chatscale.engine.outputs import RequestOutput
+from chatscale.engine.outputs import CompletionOutput, RequestOutput
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.metrics import Metrics
 from chatscale.server.errors import APIError
@@ -63,26 +63,47 @@ def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list
     per_prompt = [replace(params) for _ in ids]
     for prompt_ids, p in zip(ids, per_prompt):
         try:
-            core.check_request(prompt_ids, p)
+            core.check_request(prompt_ids, p, prompt_param)
         except ContextLengthError as exc:
             raise APIError(400, str(exc), param=prompt_param, code=exc.code) from exc
     return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt, cache_salt, arrival)
 
 
-async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics,
+                  cut: asyncio.Event | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every engine output of `gen`, tagged with its prompt's index. Closing this iterator (a
-    disconnect, a cancelled task) aborts every engine request behind it."""
+    disconnect, a cancelled task) aborts every engine request behind it. When `cut` is set (the
+    drain timeout ran out) they are aborted too, and every unfinished choice ends with
+    finish_reason "abort" (as vLLM's do), so the client gets a complete answer rather than a reset."""
     streams = [engine.generate(ids, p, f"{gen.id}-{i}", gen.cache_salt, gen.arrival)
                for i, (ids, p) in enumerate(zip(gen.prompts, gen.params))]
-    last_output: dict[int, float] = {}  # per prompt: its previous output's step time (inter-token latency)
-    async with aclosing(merge(streams)) as merged:
+    step_times: dict[int, float] = {}  # per prompt: its previous output's step time (inter-token latency)
+    latest: dict[int, RequestOutput] = {}
+    async with aclosing(merge(streams, until=cut)) as merged:
         async for i, out in merged:
-            last_output[i] = metrics.observe_output(out, last_output.get(i), gen.arrival)
+            step_times[i] = metrics.observe_output(out, step_times.get(i), gen.arrival)
+            latest[i] = out
             yield i, out
+    for i in range(len(streams)):
+        if i not in latest or not latest[i].finished:
+            yield i, _aborted(gen, i, latest.get(i))
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Interleave async iterators as their items arrive; closing the merge closes them all."""
+def _aborted(gen: Generation, i: int, last: RequestOutput | None) -> RequestOutput:
+    """Prompt i's output as it stands, with each unfinished choice ended as "abort"."""
+    before = {o.index: o for o in last.outputs} if last is not None else {}
+    choices = []
+    for index in range(gen.n):
+        o = before.get(index) or CompletionOutput(index, "", [])
+        choices.append(o if o.finished else CompletionOutput(index, o.text, o.token_ids, logprobs=o.logprobs,
+                                                             finish_reason="abort"))
+    return RequestOutput(f"{gen.id}-{i}", gen.prompts[i], choices, True,
+                         last.num_cached_tokens if last is not None else 0)
+
+
+async def merge(streams: list[AsyncIterator[T]], until: asyncio.Event | None = None) -> AsyncIterator[tuple[int, T]]:
+    """Interleave async iterators as their items arrive, until they all end or `until` is set;
+    closing the merge closes them all."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[T]) -> None:
@@ -91,12 +112,15 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
                 await queue.put((i, item))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    for task in tasks:
-        task.add_done_callback(queue.put_nowait)  # after its last item: pump puts in order
+    watchers = [asyncio.create_task(until.wait())] if until is not None else []
+    for task in tasks + watchers:
+        task.add_done_callback(queue.put_nowait)  # a pump's after its last item: pump puts in order
     try:
         running = len(tasks)
         while running:
             item = await queue.get()
+            if item in watchers:
+                return
             if isinstance(item, asyncio.Task):
                 running -= 1
                 if not item.cancelled() and item.exception() is not None:
@@ -104,6 +128,6 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
                 continue
             yield item
     finally:
-        for task in tasks:
+        for task in tasks + watchers:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *watchers, return_exceptions=True)

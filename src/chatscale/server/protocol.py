@@ -9,13 +9,43 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_serializer
+from annotated_types import Ge
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator,
+    model_serializer,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 from chatscale.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParamsError
 
-TokenIdKey = Annotated[str, StringConstraints(pattern=r"^-?[0-9]+$", max_length=20)]
+
+def _well_formed(text: str) -> str:
+    """JSON can escape a lone UTF-16 surrogate (\\ud800) that no UTF-8 text can hold: the tokenizer
+    and the response encoder would both fail on it, so it is refused at the door, naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a lone UTF-16 surrogate at character {exc.start} is not valid Unicode text") from None
+    return text
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's `integer` includes 4.0, and schema-driven clients send it; 4.5 stays a float and fails."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]  # every string a request carries
+Int = Annotated[int, BeforeValidator(_integral)]  # every integer a request carries
+TokenId = Annotated[int, Ge(0), BeforeValidator(_integral)]  # the bound first, or the schema misstates it
+TokenIdKey = Annotated[Text, StringConstraints(pattern=r"^[0-9]+$", max_length=20)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 INT64 = 2**63
+# Per generated token every stop string is searched for, and a stream holds back the longest one's
+# length less one character (so a stop string never leaks): 16 of at most 256 characters bound both
+# (OpenAI takes 4 stops; agent frameworks send a few more). Characters, not bytes: the search and the
+# hold-back count characters, and JSON Schema's maxLength (so /openapi.json) says the same.
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+Stop = Annotated[Text, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
 class _Strict(BaseModel):
@@ -28,13 +58,26 @@ class StreamOptions(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
+    # Only an assistant turn may come without content (OpenAI's, when it called tools).
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = Field(None, validate_default=True)
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_assistant(cls, content: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if content is None and role not in (None, "assistant"):
+            raise ValueError(f"a {role} message needs content")
+        return content
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content, and `developer` (OpenAI's newer
@@ -49,27 +92,37 @@ class ChatMessage(_Strict):
 class _GenerationRequest(_Strict):
     """Fields shared by chat and text completions, plus the vLLM extensions load tools send."""
 
-    model: str | None = Field(None, description="defaults to the served model")
-    n: int = Field(1, ge=1, le=128)
+    model_config = ConfigDict(json_schema_extra={  # stream_options only with stream: true (as vLLM)
+        "dependentSchemas": {"stream_options": {"required": ["stream"], "properties": {"stream": {"const": True}}}}})
+
+    model: Text | None = Field(None, description="defaults to the served model")
+    n: Int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    seed: Int | None = Field(None, ge=-INT64, lt=INT64)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[TokenIdKey, Bias] | None = None
-    stop: str | list[str] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    top_k: int | None = Field(None, ge=-1, lt=2**31)
+    user: Text | None = None
+    top_k: Int | None = Field(None, ge=-1, lt=2**31)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    cache_salt: str | None = Field(None, description="requests share cached prompt pages only with the same salt")
+    cache_salt: Text | None = Field(None, description="requests share cached prompt pages only with the same salt")
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options can only be set when stream is true")
+        return options
 
     @property
     def include_usage(self) -> bool:
@@ -97,10 +150,10 @@ class _GenerationRequest(_Strict):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def sampling_overrides(self) -> dict[str, Any]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -113,9 +166,9 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    max_tokens: Int | None = Field(16, ge=1)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def sampling_overrides(self) -> dict[str, Any]:
         return {**super().sampling_overrides(), "max_tokens": self.max_tokens, "logprobs": self.logprobs}
@@ -211,7 +264,7 @@ class CompletionLogprobs(BaseModel):
 
 class CompletionChoice(BaseModel):
     index: int
-    text: str
+    text: Text
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
@@ -241,11 +294,14 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(_Strict):
-    """vLLM's /tokenize: either a `prompt`, or chat `messages` rendered with the template."""
+    """vLLM's /tokenize: either a `prompt`, or chat `messages` rendered with the template (the
+    handler refuses both, neither, or either given as null)."""
 
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+
+    model: Text | None = None
+    prompt: Text | SkipJsonSchema[None] = None
+    messages: list[ChatMessage] | SkipJsonSchema[None] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -257,8 +313,8 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[int]
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):

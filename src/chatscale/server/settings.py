@@ -17,13 +17,16 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # set: every path but /health needs `Authorization: Bearer KEY`
-    max_concurrent_requests: int = 512  # generation requests in flight (queued or running); beyond: 429
+    max_concurrent_sequences: int = 512  # sequences in flight (queued or running), prompts x n each; beyond: 429
+    max_sequences_per_request: int = 256  # prompts x n of one request; beyond: 400
     max_body_bytes: int = 8 * 2**20
+    body_timeout: float = 30.0  # seconds a client gets to send its whole request body; slower: 408
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
 
     def __post_init__(self) -> None:
-        if self.max_concurrent_requests < 1 or self.max_body_bytes < 1 or self.drain_timeout < 0:
-            raise ValueError("max_concurrent_requests and max_body_bytes must be positive, drain_timeout >= 0")
+        positive = ("max_concurrent_sequences", "max_sequences_per_request", "max_body_bytes", "body_timeout")
+        if any(getattr(self, name) <= 0 for name in positive) or self.drain_timeout < 0:
+            raise ValueError(f"{', '.join(positive)} must be positive and drain_timeout >= 0")
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -33,9 +36,13 @@ class ServerSettings:
         p.add_argument("--api-key", default=os.environ.get("CHATSCALE_API_KEY", d["api_key"]),
                        help="require `Authorization: Bearer KEY` on every path but /health "
                             "(default: $CHATSCALE_API_KEY, which keeps the key out of `ps`)")
-        p.add_argument("--max-concurrent-requests", type=int, default=d["max_concurrent_requests"],
-                       help="generation requests in flight before answering 429 with Retry-After")
+        p.add_argument("--max-concurrent-sequences", type=int, default=d["max_concurrent_sequences"],
+                       help="sequences in flight (a request holds prompts x n) before answering 429 with Retry-After")
+        p.add_argument("--max-sequences-per-request", type=int, default=d["max_sequences_per_request"],
+                       help="prompts x n one request may ask for; more is a 400")
         p.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"], help="larger bodies get 413")
+        p.add_argument("--body-timeout", type=float, default=d["body_timeout"],
+                       help="seconds a client gets to send its whole request body; slower ones get 408")
         p.add_argument("--drain-timeout", type=float, default=d["drain_timeout"],
                        help="on SIGTERM, seconds in-flight requests get to finish before they are cut")
         p.add_argument("--served-model-name", default=None,

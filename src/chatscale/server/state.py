@@ -1,12 +1,14 @@
 """What one server process knows at run time: its engine (once loaded), whether it is draining,
-and how many generation requests it holds. Handlers and middleware share this one object."""
+and how many sequences it holds. Handlers and middleware share this one object."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from chatscale.engine.async_engine import AsyncEngine
 from chatscale.metrics import Metrics
+from chatscale.server.admission import SequenceSlots
 from chatscale.server.errors import APIError
 from chatscale.server.settings import ServerSettings
 
@@ -18,7 +20,13 @@ class ServerState:
     engine: AsyncEngine | None = None
     load_error: str | None = None
     draining: bool = False
-    in_flight: int = 0
+    # Set when the drain timeout runs out: every request still generating ends with finish_reason "abort".
+    # Made by the app's lifespan, so it belongs to the loop that serves the requests.
+    drain_cut: asyncio.Event | None = None
+    slots: SequenceSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slots = SequenceSlots(self.settings.max_concurrent_sequences, self.settings.max_sequences_per_request)
 
     @property
     def status(self) -> str:
