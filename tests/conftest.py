@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Engines run their decode steps eagerly in tests (each model shape would compile for seconds);
+# the tests of the compiled step ask for it explicitly.
+os.environ.setdefault("CHATSCALE_COMPILE", "0")
 
 from checkpoints import make_checkpoint  # noqa: E402
 

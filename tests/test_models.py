@@ -42,8 +42,8 @@ def test_prefill_logits_match_transformers(checkpoint, arch):
     for prompt in prompts([1, 5, 17, 60]):
         seq = Sequence("r", prompt, GREEDY)
         assert llm.engine.kv.allocate(seq, len(prompt))
-        ids, pos, meta, _ = runner.prepare(works_for([(seq, len(prompt))]))
-        ours = llm.engine.model.logits(llm.engine.model(ids, pos, runner.kv_caches, meta))
+        step = runner.prepare(works_for([(seq, len(prompt))]))
+        ours = llm.engine.model.logits(llm.engine.model(step.input_ids, step.positions, runner.kv_caches, step.meta))
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0].float()
         assert (ours - ref).abs().max().item() <= 1e-4
@@ -91,8 +91,9 @@ def test_bfloat16_checkpoint_runs_close_to_transformers(checkpoint):
     prompt = prompts([24])[0]
     seq = Sequence("r", prompt, GREEDY)
     llm.engine.kv.allocate(seq, len(prompt))
-    ids, pos, meta, _ = llm.engine.runner.prepare(works_for([(seq, len(prompt))]))
-    ours = llm.engine.model.logits(llm.engine.model(ids, pos, llm.engine.runner.kv_caches, meta))
+    step = llm.engine.runner.prepare(works_for([(seq, len(prompt))]))
+    ours = llm.engine.model.logits(llm.engine.model(step.input_ids, step.positions, llm.engine.runner.kv_caches,
+                                                    step.meta))
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].float()
     scale = ref.abs().max().item()
@@ -143,3 +144,34 @@ def test_moe_groups_tokens_by_expert(checkpoint):
     for layer in llm.engine.model.layers:
         counts = layer.mlp.last_tokens_per_expert
         assert sum(counts) == 2 * len(prompt) and len(counts) == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])  # one shape: one compile of the flex kernel
+def test_flex_backend_greedy_batched_chunked_and_preempted_match_transformers(checkpoint, arch):
+    """The FlexAttention backend (decodes read pages in place) against transformers: a batch with
+    chunked prefill, then the same under page pressure (preemption and recompute), in fp32."""
+    path = checkpoint(arch)
+    batch = prompts([40, 7, 33, 21])
+    refs = [hf_greedy(path, p) for p in batch]
+    llm = LLM(str(path), num_blocks=64, block_size=16, attention_backend="flex", compile=False,
+              max_num_batched_tokens=24)
+    assert llm.engine.runner.backend.name == "flex"
+    assert [o.outputs[0].token_ids for o in llm.generate(batch, GREEDY)] == refs
+    tight = LLM(str(path), num_blocks=8, block_size=16, attention_backend="flex", compile=False)
+    assert [o.outputs[0].token_ids for o in tight.generate(batch, GREEDY)] == refs
+    assert tight.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("backend", ["flex", "torch"])
+def test_compiled_decode_matches_transformers(checkpoint, backend):
+    """Decode steps as one compiled graph (dynamic batch: one compile serves every batch size as
+    sequences finish), prefill steps eager: greedy output equals transformers in fp32."""
+    path = checkpoint("llama")
+    batch = prompts([40, 7, 33, 21])
+    refs = [hf_greedy(path, p) for p in batch]
+    llm = LLM(str(path), num_blocks=64, block_size=16, attention_backend=backend, compile=True)
+    lengths = [32, 20, 11, 5]  # the decode batch shrinks from 4 to 1 as they finish
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(batch, params)
+    assert [o.outputs[0].token_ids for o in outs] == [ref[:n] for ref, n in zip(refs, lengths)]
+    assert llm.engine.runner._compile_s > 0  # the compiled graph ran

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 def default_model_path() -> str:
@@ -35,6 +35,9 @@ class EngineConfig:
     ngram_prompt_lookup_min: int = 1
     speculative_max_batch: int | None = None  # None: the roofline decides per step
     seed: int = 0
+    attention_backend: str = "auto"  # torch (the reference), flex, or auto (flex where it applies)
+    # Decode steps as one compiled graph; CHATSCALE_COMPILE=0 turns it off process-wide (the tests do).
+    compile: bool = field(default_factory=lambda: os.environ.get("CHATSCALE_COMPILE", "1") != "0")
     executor: str = "inprocess"  # what runs the model: "inprocess", or "package.module:Class"
     max_failed_steps: int = 3  # consecutive failed steps after which the engine is declared dead
 
@@ -79,6 +82,12 @@ class EngineConfig:
                        help="speculate only up to this many running sequences (default: where the "
                             "roofline says it pays, measured at start-up)")
         p.add_argument("--seed", type=int, default=d["seed"].default)
+        p.add_argument("--attention-backend", default=d["attention_backend"].default,
+                       choices=["auto", "torch", "flex"],
+                       help="paged attention: flex (FlexAttention, reads pages in place), torch (the reference: "
+                            "gathers pages), auto (flex where the model and page size allow)")
+        p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                       help="run decode steps eagerly instead of as one compiled graph")
         p.add_argument("--executor", default=d["executor"].default,
                        help="what runs the model: 'inprocess' (one device) or 'package.module:Class'")
         p.add_argument("--max-failed-steps", type=int, default=d["max_failed_steps"].default,
@@ -87,7 +96,8 @@ class EngineConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)
+                      if getattr(args, f.name, None) is not None or f.name == "model"})
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

@@ -1,25 +1,32 @@
 """The model runner: the only place that turns scheduled sequences into tensors.
 
 It owns the KV pages (one [2, kv_heads, slots, head_dim] tensor per layer, preallocated from a
-byte budget), lays out each step's batch as [decodes | prefill chunks], and returns logits for
-the sequences whose last token was computed this step.
+byte budget) and lays out each step flat: token ids, positions, cache slots, block table, sequence
+and query lengths, the logits rows — built with numpy into persistent buffers, no Python loop over
+tokens — then runs the model (a compiled graph for decode steps where the backend allows it) and
+returns the logits. Nothing here reads a device value back: the step's one host sync is the
+sampler's.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from chatscale.engine.config import EngineConfig, available_memory_bytes
 from chatscale.engine.sequence import Sequence
-from chatscale.models.attention import AttentionMetadata, DecodeGroup, PrefillChunk
+from chatscale.models.attention import AttentionMetadata, make_backend
+from chatscale.models.attention.metadata import MAX_DECODE_QUERY, DecodeStep
 from chatscale.models.llama import LlamaForCausalLM
 
-
-DECODE_GROUP = 16  # decodes attended together: small enough that gathered pages stay in cache
+log = logging.getLogger("chatscale.engine")
 
 
 @dataclass
@@ -65,6 +72,16 @@ def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
     return int(available_memory_bytes() * config.kv_cache_fraction)
 
 
+@dataclass
+class StepInputs:
+    """One step, flat: what the model reads, and which rows' logits the sampler wants."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor  # in the order of the works
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int | None = None) -> None:
         self.model = model
@@ -83,9 +100,17 @@ class ModelRunner:
             torch.zeros(2, cfg.num_kv_heads, slots, cfg.head_dim, dtype=model.embed.dtype, device=self.device)
             for _ in range(cfg.num_layers)
         ]
-        self.sliding_window = cfg.sliding_window
+        self.backend = make_backend(config.attention_backend, self.device, slots, config.block_size,
+                                    cfg.sliding_window)
         self.host_pages: torch.Tensor | None = None
+        self._decode_graph = None
+        self._compile_s = 0.0
+        if config.compile:
+            self._decode_graph = torch.compile(self._decode_logits, dynamic=True)
+        log.info("attention backend %s; decode steps %s", self.backend.name,
+                 "compiled (torch.compile, dynamic batch)" if self._decode_graph else "eager")
 
+    # ---- the second KV tier ---------------------------------------------------------------------------
     def allocate_host_tier(self, num_pages: int, directory: str | None = None) -> None:
         """The second KV tier: pinned host memory behind a GPU, a file-backed area on disk on a CPU
         (mapped and unlinked at once, so nothing is left behind)."""
@@ -129,69 +154,78 @@ class ModelRunner:
                     self._device_pages(layer).index_copy_(2, blocks, pages)
             i = j
 
-    def _tensor(self, data: list[int]) -> torch.Tensor:
-        return torch.tensor(data, dtype=torch.long, device=self.device)
+    def _tensor(self, data: list[int] | np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(data, dtype=np.int64)).to(self.device, non_blocking=True)
 
-    def _pages(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
-        """The pages holding positions [0, length) of each table, padded with page 0: [B, pages]."""
-        width = -(-length // self.block_size)
-        return self._tensor([bt[:width] + [0] * (width - len(bt[:width])) for bt in block_tables])
+    # ---- one step -------------------------------------------------------------------------------------
+    def prepare(self, works: list[Work]) -> StepInputs:
+        """The step's flat layout. Decode-like sequences (at most MAX_DECODE_QUERY new tokens) come
+        first, longest context first (so the reference backend's groups pad little), then prefills."""
+        b, bs = len(works), self.block_size
+        q_lens = np.fromiter((len(w.ids) for w in works), dtype=np.int64, count=b)
+        starts = np.fromiter((w.start for w in works), dtype=np.int64, count=b)
+        seq_lens = starts + q_lens
+        decode_like = q_lens <= MAX_DECODE_QUERY
+        order = np.lexsort((-seq_lens, ~decode_like))
+        q_lens, starts, seq_lens = q_lens[order], starts[order], seq_lens[order]
+        num_decodes = int(decode_like.sum())
+        query_start = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=query_start[1:])
+        tokens = int(query_start[-1])
+        ids = np.fromiter(itertools.chain.from_iterable(works[i].ids for i in order), dtype=np.int64, count=tokens)
+        seq_of_token = np.repeat(np.arange(b), q_lens)
+        positions = np.arange(tokens, dtype=np.int64) - query_start[seq_of_token] + starts[seq_of_token]
+        width = int(-(-seq_lens.max() // bs))
+        table = np.zeros((b, width), dtype=np.int64)
+        for row, i in enumerate(order):
+            pages = works[i].seq.block_table[:width]
+            table[row, :len(pages)] = pages
+        slots = table[seq_of_token, positions // bs] * bs + positions % bs
+        logit_counts = np.fromiter((w.num_logits for w in works), dtype=np.int64, count=b)
+        row_of_work = np.empty(b, dtype=np.int64)
+        row_of_work[order] = query_start[1:]  # one past each work's last row
+        logits_rows = np.concatenate([np.arange(end - k, end) for end, k in zip(row_of_work, logit_counts) if k]
+                                     ) if logit_counts.any() else np.zeros(0, dtype=np.int64)
+        meta = AttentionMetadata(
+            backend=self.backend, slot_mapping=self._tensor(slots), block_table=self._tensor(table),
+            seq_lens=self._tensor(seq_lens), query_lens=self._tensor(q_lens), num_decodes=num_decodes,
+            max_decode_query=int(q_lens[:num_decodes].max()) if num_decodes else 0, block_size=bs,
+            host_block_table=table, host_seq_lens=seq_lens, host_query_lens=q_lens, host_query_start=query_start)
+        meta.plan = self.backend.plan(meta)
+        return StepInputs(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows))
 
-    def _visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """Causal (and sliding-window) visibility of keys at k_pos from queries at q_pos."""
-        ok = k_pos <= q_pos
-        if self.sliding_window is not None:
-            ok &= q_pos - k_pos < self.sliding_window
-        return ok
-
-    def prepare(self, works: list[Work]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Inputs, positions and attention layout of a step, and the rows whose logits are needed
-        (in the order of `works`)."""
-        # Decodes first, longest context first, so that neighbours in a decode group pad little.
-        order = sorted(range(len(works)), key=lambda i: (len(works[i].ids) > 1, -works[i].start))
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        first_row = [0] * len(works)
-        for i in order:
-            w = works[i]
-            first_row[i] = len(ids)
-            ids += w.ids
-            table = w.seq.block_table
-            for pos in range(w.start, w.start + len(w.ids)):
-                positions.append(pos)
-                slot_mapping.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        meta = AttentionMetadata(slot_mapping=self._tensor(slot_mapping), block_size=self.block_size)
-        decodes = [works[i] for i in order if len(works[i].ids) == 1]
-        for start in range(0, len(decodes), DECODE_GROUP):
-            group = decodes[start: start + DECODE_GROUP]
-            lens = self._tensor([w.start + 1 for w in group])
-            blocks = self._pages([w.seq.block_table for w in group], int(lens.max()))
-            k_pos = torch.arange(blocks.shape[1] * self.block_size, device=self.device)
-            hidden = ~self._visible((lens - 1)[:, None], k_pos[None, :])[:, None, :]
-            meta.decode_groups.append(DecodeGroup(start, start + len(group), blocks, hidden))
-        for i in order[len(decodes):]:
-            w = works[i]
-            start, n = w.start, len(w.ids)
-            ctx = start + n
-            windowed = self.sliding_window is not None and ctx > self.sliding_window
-            pages = mask = None
-            if start > 0 or windowed:
-                pages = self._pages([w.seq.block_table], ctx) if start > 0 else None
-                width = ctx if pages is None else pages.shape[1] * self.block_size
-                q_pos = torch.arange(start, ctx, device=self.device)
-                mask = self._visible(q_pos[:, None], torch.arange(width, device=self.device)[None, :])
-            meta.prefills.append(PrefillChunk(first_row[i], first_row[i] + n, pages, mask))
-        rows = [first_row[i] + len(w.ids) - k for i, w in enumerate(works) for k in range(w.num_logits, 0, -1)]
-        return self._tensor(ids), self._tensor(positions), meta, rows
-
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: a compiled step writes into the (normal) KV-cache tensors
     def run(self, works: list[Work], copies: list[tuple[str, int, int]] = ()) -> torch.Tensor:
         """Run one forward pass (after its page moves); logits [rows, vocab] (fp32) in work order."""
         self.apply_copies(list(copies))
-        input_ids, positions, meta, rows = self.prepare(works)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.logits(hidden[self._tensor(rows)])
+        step = self.prepare(works)
+        meta = step.meta
+        if meta.num_decodes == meta.num_seqs and meta.max_decode_query == 1:
+            return self._decode(step)
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta)
+        return self.model.logits(hidden.index_select(0, step.logits_rows))
+
+    def _decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                       step: DecodeStep, logits_rows: torch.Tensor) -> torch.Tensor:
+        """A plain decode step, embedding to logits (in the works' order): what the compiled graph runs."""
+        return self.model.logits(self.model(input_ids, positions, kv_caches, step).index_select(0, logits_rows))
+
+    def _decode(self, step: StepInputs) -> torch.Tensor:
+        """A step of plain decodes: one graph, compiled on first use for every batch size (logged)."""
+        meta = step.meta
+        decode = DecodeStep(self.backend, meta.slot_mapping, self.backend.decode_plan(meta))
+        if self._decode_graph is None:
+            return self._decode_logits(step.input_ids, step.positions, self.kv_caches, decode, step.logits_rows)
+        first = self._compile_s == 0.0
+        if first:
+            for t in (step.input_ids, step.positions, meta.slot_mapping, step.logits_rows, *decode.plan):
+                torch._dynamo.mark_dynamic(t, 0)
+            start = time.monotonic()
+        logits = self._decode_graph(step.input_ids, step.positions, self.kv_caches, decode, step.logits_rows)
+        if first:
+            self._compile_s = time.monotonic() - start
+            log.info("decode step compiled in %.1f s", self._compile_s)
+        return logits
 
     def execute(self, scheduled: list[tuple[Sequence, int]],
                 copies: list[tuple[str, int, int]] = ()) -> tuple[torch.Tensor, list[Sequence]]:

@@ -48,7 +48,7 @@ class DecoderLayer(nn.Module):
         qk = apply_rotary(qk, cos, sin)  # q and k rotated in one pass
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        x = x + F.linear(attn.view(t, self.q_size), self.o_weight)
+        x = x + F.linear(attn.reshape(t, self.q_size), self.o_weight)
         return x + self.mlp(rms_norm(x, self.post_attention_norm, eps))
 
     def weight_slots(self) -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ class LlamaForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                     cfg.rope_scaling, dtype, device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm, one row per input token."""
@@ -96,7 +96,7 @@ class LlamaForCausalLM(nn.Module):
         moe = [layer.mlp.last_tokens_per_expert for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
         return moe or None
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
 

@@ -107,7 +107,7 @@ def run_profile(model: str = "", threads: int = 1, repeats: int = 2, num_blocks:
 
     from chatscale.engine.config import EngineConfig
     from chatscale.engine.engine import LLMEngine
-    from chatscale.engine.runner import DECODE_GROUP
+    from chatscale.models.attention.torch_ref import DECODE_GROUP
     from chatscale.planner.hardware import _cpu_name
 
     engine = LLMEngine(EngineConfig(model=model, threads=threads, max_num_seqs=128), num_blocks=num_blocks)
