@@ -27,6 +27,7 @@ from chatscale.engine.sampler import Sampler
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.scheduler import Scheduler
 from chatscale.engine.sequence import Sequence
+from chatscale.engine.structured.hook import StructuredOutputs
 from chatscale.engine.spec_decode import (DraftModelProposer, NgramProposer, Proposal, SpecDecodeStats,
                                           SpecPolicy, verify)
 from chatscale.models.loader import GenerationDefaults, load_model
@@ -98,6 +99,7 @@ class LLMEngine:
             self._enable_second_tier()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer.to_json(), self.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
         # Called with every step's StepStats, on the engine's thread (metrics histograms).
@@ -126,7 +128,8 @@ class LLMEngine:
             if draft.cfg.vocab_size != self.vocab_size:
                 raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
                                  f"target's ({self.vocab_size}); a draft must share the target's tokenizer")
-            self.proposer = DraftModelProposer(ModelRunner(draft, cfg, self.runner.num_blocks), self.sampler)
+            self.proposer = DraftModelProposer(ModelRunner(draft, cfg, self.runner.num_blocks), self.sampler,
+                                               self.structured)
             draft_ratio = weight_bytes(draft) / weight_bytes(self.model)
         ridge_tokens = 0.0
         if cfg.speculative_max_batch is None:
@@ -196,8 +199,11 @@ class LLMEngine:
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.include_stop_str_in_output,
                                          params.skip_special_tokens) for _ in seqs]
         self.requests[request_id] = _Request(request_id, ids, seqs, detoks, RequestMetrics(now), [0] * len(seqs))
-        for seq in seqs:
-            self.scheduler.add(seq)
+        if params.structured is not None:
+            self.structured.start(request_id, seqs)  # scheduled once its grammar is compiled
+        else:
+            for seq in seqs:
+                self.scheduler.add(seq)
         return request_id
 
     def check_request(self, ids: list[int], params: SamplingParams) -> None:
@@ -235,6 +241,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        self.structured.abort(request_id)
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
@@ -253,14 +260,18 @@ class LLMEngine:
 
     # ---- the step loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._admit_compiled()
         self._spec_batch = max(len(self.scheduler.running), 1)  # what speculation's roofline sees
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self.runner.apply_copies(plan.copies)
-            return []
+            if not failed:
+                self.structured.wait()  # nothing to run but grammars compiling: wait for one
+            return [self._output(req, time.monotonic()) for req in failed]
         start = time.monotonic()
         works = works_for(plan.scheduled)
         proposals = self.proposer.propose(plan.lookahead) if plan.lookahead else {}
+        self.structured.check_proposals(proposals)
         for w in works:
             proposal = proposals.get(w.seq)
             if proposal is not None and proposal.tokens:
@@ -268,7 +279,9 @@ class LLMEngine:
                 w.num_logits = len(w.ids)
         chunks = [(w.start, len(w.ids)) for w in works]
         num_tokens = sum(n for _, n in chunks)
+        masks = self.structured.fill_masks(_logit_rows(works))  # on a thread, while the forward runs
         logits = self.runner.run(works, plan.copies)
+        self.structured.apply(logits, masks)
         for seq, _ in plan.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
@@ -286,12 +299,14 @@ class LLMEngine:
         )
         for listener in self.step_listeners:
             listener(self.last_step)
-        touched: dict[str, _Request] = {}
+        touched: dict[str, _Request] = {req.request_id: req for req in failed}
         for seq, tokens, logprobs in new_tokens:
             req = self.requests[seq.request_id]
             detok = req.detoks[seq.index]
             for token, lp in zip(tokens, logprobs):
                 seq.append_token(token)
+                if not self.structured.accept(seq, token):
+                    seq.grammar = None  # already logged; the output is no longer guaranteed
                 if lp is not None:
                     seq.output_logprobs.append(lp)
                 seq.first_token_time = seq.first_token_time or now
@@ -309,6 +324,21 @@ class LLMEngine:
                 seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
             touched[req.request_id] = req
         return [self._output(req, now) for req in touched.values()]
+
+    def _admit_compiled(self) -> list[_Request]:
+        """Schedule requests whose grammar compiled; finish those whose grammar failed (returned)."""
+        failed = []
+        for seqs, error in self.structured.ready():
+            if error is None:
+                for seq in seqs:
+                    self.scheduler.add(seq)
+                continue
+            log.warning("request %s: its grammar failed to compile: %s", seqs[0].request_id, error)
+            for seq in seqs:
+                seq.stop_reason = f"grammar error: {error}"
+                self.scheduler.finish(seq, "abort")
+            failed.append(self.requests[seqs[0].request_id])
+        return failed
 
     def _sample(self, works: list[Work], logits: torch.Tensor, proposals: dict[Sequence, Proposal]
                 ) -> list[tuple[Sequence, list[int], list]]:
@@ -369,3 +399,13 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, finished,
                              min(s.num_cached_tokens for s in req.seqs), m, step_time=now)
+
+
+def _logit_rows(works: list[Work]) -> list[tuple[Sequence, int, list[int]]]:
+    """(sequence, its first logits row, the proposals verified after it) for each work with logits."""
+    rows, row = [], 0
+    for w in works:
+        if w.num_logits:
+            rows.append((w.seq, row, w.ids[len(w.ids) - w.num_logits + 1:]))
+        row += w.num_logits
+    return rows
