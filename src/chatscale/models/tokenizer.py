@@ -114,7 +114,11 @@ class Tokenizer:
             **kwargs,
         )
 
-    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Token ids of a chat; the template already writes any BOS, so none is added twice."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_text(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                         **kwargs))
+
+    def encode_text(self, rendered: str) -> list[int]:
+        """Token ids of text a chat template rendered (special tokens in it are parsed, no BOS added)."""
+        return self._tok.encode(rendered, add_special_tokens=False).ids
