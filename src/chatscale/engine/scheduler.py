@@ -114,7 +114,7 @@ class Scheduler:
         """Remove `seq` wherever it is and free its pages at once (done, stopped or aborted)."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:  # not yet added: compiling a grammar
             self.waiting.remove(seq)
         if reason is not None:
             seq.finish_reason = reason

@@ -128,8 +128,11 @@ class StructuredOutputs:
     def mask_draft(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Mask a draft step's logits (one row per sequence) by each grammar's state, which the
         proposer moves over the tokens proposed so far and rolls back afterwards."""
-        if any(seq.grammar is not None for seq in seqs):
-            self.apply(logits, self.fill_masks([(seq, row, []) for row, seq in enumerate(seqs)]))
+        constrained = [(seq, row, []) for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if constrained:  # the draft's next step needs these at once: nothing to overlap with
+            m = self._fill(constrained)
+            with torch.inference_mode():
+                apply_bitmask(logits, m.bitmask, m.rows)
 
     # ---- bookkeeping --------------------------------------------------------------------------
     @staticmethod

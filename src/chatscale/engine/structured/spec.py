@@ -40,7 +40,7 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict | bool) -> "GrammarSpec":
-        return cls("json_schema", json.dumps(schema, sort_keys=True))  # sorted: one cache entry per schema
+        return cls("json_schema", json.dumps(schema))  # key order kept: properties are written in it
 
     @classmethod
     def choice(cls, choices: list[str]) -> "GrammarSpec":
