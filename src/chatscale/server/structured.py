@@ -22,9 +22,10 @@ def grammar_for(body: ChatCompletionRequest | CompletionRequest) -> GrammarSpec 
     if isinstance(body, ChatCompletionRequest) and body.response_format is not None:
         spec = _response_format(body)
         if spec is not None:
-            found.append(("response_format", spec))
+            found.append(("response_format" if spec.kind == "json_object" else "response_format.json_schema.schema",
+                          spec))
     if body.structured_outputs is not None:
-        found.append(("structured_outputs", _structured_outputs(body.structured_outputs)))
+        found.append(_structured_outputs(body.structured_outputs))
     guided = {"guided_json": body.guided_json, "guided_regex": body.guided_regex,
               "guided_choice": body.guided_choice, "guided_grammar": body.guided_grammar}
     for name, value in guided.items():
@@ -66,15 +67,14 @@ def _response_format(body: ChatCompletionRequest) -> GrammarSpec | None:
     return _schema_spec(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
-def _structured_outputs(so: StructuredOutputs) -> GrammarSpec:
+def _structured_outputs(so: StructuredOutputs) -> tuple[str, GrammarSpec]:
     given = {k: v for k, v in so.model_dump(by_alias=True).items() if v not in (None, False)}
     if len(given) != 1:
         raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, json_object.",
                        param="structured_outputs")
     (key, value), = given.items()
-    if key == "json_object":
-        return GrammarSpec("json_object")
-    return _guided(f"guided_{key}", value, param=f"structured_outputs.{key}")
+    param = f"structured_outputs.{key}"
+    return param, GrammarSpec("json_object") if key == "json_object" else _guided(f"guided_{key}", value, param)
 
 
 def _guided(name: str, value: Any, param: str | None = None) -> GrammarSpec:
@@ -93,7 +93,8 @@ def unsupported_fields(body: ChatCompletionRequest | CompletionRequest) -> None:
     refused: dict[str, str] = {"guided_whitespace_pattern": "JSON is always written as json.dumps does"}
     if isinstance(body, ChatCompletionRequest):
         refused |= {"functions": "use `tools`", "function_call": "use `tool_choice`",
-                    "audio": "this model reads and writes text only", "prediction": "predicted outputs are not supported",
+                    "audio": "this model reads and writes text only",
+                    "prediction": "predicted outputs are not supported",
                     "web_search_options": "this server has no web search"}
         if body.modalities not in (None, ["text"]):
             raise APIError(400, "modalities: this model writes text only.", param="modalities")

@@ -55,12 +55,9 @@ def parse(text: str, parser: str) -> tuple[str | None, list[ParsedCall]]:
     """(content, calls) of a finished answer; content is None when only calls were written."""
     calls: list[ParsedCall] = []
     if parser == "llama3_json":
-        body = text.strip().removeprefix("<|python_tag|>")
-        if body.startswith("{"):
-            calls = [c for c in (_call(part) for part in body.split(";")) if c is not None]
-            if calls and len(calls) == len(body.split(";")):
-                return None, calls
-        return text, []
+        objects = _json_objects(text.strip().removeprefix("<|python_tag|>"))
+        calls = [c for c in map(_call, objects or []) if c is not None]
+        return (None, calls) if objects and len(calls) == len(objects) else (text, [])
     content, rest = [], text
     while OPEN in rest:
         before, after = rest.split(OPEN, 1)
@@ -74,6 +71,24 @@ def parse(text: str, parser: str) -> tuple[str | None, list[ParsedCall]]:
     content.append(rest)
     joined = "".join(content).strip()
     return (joined or None) if calls else text, calls
+
+
+def _json_objects(body: str) -> list[str] | None:
+    """`{...}; {...}` as its objects' texts, or None if it is anything else."""
+    objects, at, decoder = [], 0, json.JSONDecoder()
+    while at < len(body):
+        if body[at] in " \n\t;":
+            at += 1
+            continue
+        if body[at] != "{":
+            return None
+        try:
+            _, end = decoder.raw_decode(body, at)
+        except json.JSONDecodeError:
+            return None
+        objects.append(body[at:end])
+        at = end
+    return objects
 
 
 @dataclass
@@ -118,6 +133,9 @@ class ToolStream:
                 start = self._call_start(final)
                 if start is None:
                     end = len(self.text) if final else len(self.text) - self._hold()
+                    trailing = self.text[self.pos:].strip(" \n\t;")
+                    if final and self.parser == "llama3_json" and self.calls and not trailing:
+                        self.pos = end  # trailing separators after the calls are no content
                     content.append(self.text[self.pos:end])
                     self.pos = max(self.pos, end)
                     return "".join(content), deltas
@@ -137,7 +155,7 @@ class ToolStream:
                 if self._named:
                     # Held back: what may be the call's closing brace, whitespace, a partial closing tag.
                     kept = block[head.end():]
-                    kept = kept[:len(kept) - _held_suffix(kept, "\n" + CLOSE)].rstrip()
+                    kept = kept[:len(kept) - max(_held_suffix(kept, "\n" + CLOSE), _held_suffix(kept, CLOSE))].rstrip()
                     self._send_args(kept[:-1] if kept.endswith("}") else kept, deltas)
                 if not final:
                     return "".join(content), deltas
@@ -186,6 +204,8 @@ class ToolStream:
             return _held_suffix(rest, OPEN)
         if not self.calls and self.pos == 0 and rest.strip() in ("", "<|python_tag|>"[:len(rest.strip())]):
             return len(rest)  # nothing but the start of a bare JSON call so far
+        if self.calls and not rest.strip(" \n\t;"):
+            return len(rest)  # separators between calls
         return 0
 
     def _send_args(self, args: str, deltas: list[CallDelta]) -> None:
