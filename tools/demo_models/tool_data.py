@@ -230,7 +230,8 @@ def json_conversation(rng: random.Random) -> data.Conversation:
         q, answer = rng.choice(qs), {"answer": a}
     sys_or_user = rng.random() < 0.5
     msgs = [{"role": "system", "content": rng.choice(JSON_SYSTEM)}] if sys_or_user else []
-    msgs.append({"role": "user", "content": q if sys_or_user else f"{q} {rng.choice(['Answer in JSON.', 'Reply in JSON.'])}"})
+    ask = "" if sys_or_user else " " + rng.choice(["Answer in JSON.", "Reply in JSON."])
+    msgs.append({"role": "user", "content": q + ask})
     msgs.append({"role": "assistant", "content": json.dumps(answer)})
     return msgs
 
