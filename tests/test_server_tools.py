@@ -124,6 +124,19 @@ def test_required_always_yields_valid_calls(client, parallel):
             assert call.id.startswith("call_") and call.type == "function"
 
 
+def test_auto_calls_follow_their_schemas(client):
+    """With "auto" the model may write text or calls; a call it writes is always valid (a random
+    model, sampled: some choices call, some write text)."""
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIMER], n=12, temperature=1.0,
+                                       seed=11, max_tokens=150, parallel_tool_calls=False)
+    for choice in r.choices:
+        for call in choice.message.tool_calls or []:
+            tool = {"get_weather": WEATHER, "set_timer": TIMER}[call.function.name]
+            jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+        if not choice.message.tool_calls:
+            assert not (choice.message.content or "").startswith("<")
+
+
 def test_named_tool_and_no_parallel_calls(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIMER], n=4, temperature=1.0,
                                        seed=5, max_tokens=200, parallel_tool_calls=False,

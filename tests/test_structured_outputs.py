@@ -146,6 +146,17 @@ def test_random_regexes_always_match(llm, pattern, seed):
         assert reason == "stop" and re.fullmatch(pattern, text), (pattern, text)
 
 
+def test_objects_take_only_their_listed_properties(llm):
+    """An object schema that lists properties and says nothing of others gets no others (OpenAI's
+    strict mode; LangChain's tool schemas look like this): a random model would invent keys."""
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"enum": [1, 2]}}}
+    outs = llm.generate(PROMPT, SamplingParams(n=8, temperature=1.0, seed=0, max_tokens=60,
+                                                structured=GrammarSpec.json_schema(schema)))
+    for text, reason in _texts(outs):
+        assert reason == "stop" and set(json.loads(text)) <= {"a", "b"}, text
+        jsonschema.validate(json.loads(text), schema)
+
+
 def test_choice_and_grammar_kinds(llm):
     outs = llm.generate([PROMPT] * 2, [
         SamplingParams(n=4, temperature=1.0, seed=1, structured=GrammarSpec.choice(["yes", "no", "maybe not"])),

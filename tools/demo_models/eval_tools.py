@@ -27,12 +27,10 @@ from chatscale.server.api import create_app
 from chatscale.server.settings import ServerSettings
 
 EVAL_SEED = 7
-FINETUNE_TRAIN, FINETUNE_SEED = 20000, 100  # train.py's fine-tuning set, whose questions are left out
 
 
 def heldout_questions(n: int) -> list[tuple[list[dict], tool_data.ToolTurn]]:
-    seen = {m["content"] for conv in tool_data.finetune_conversations(FINETUNE_TRAIN, FINETUNE_SEED)
-            for m in conv if m["role"] == "user"}
+    seen = tool_data.training_questions()
     rng, out = random.Random(EVAL_SEED), []
     while len(out) < n:
         tools, turn = tool_data.tool_question(rng)

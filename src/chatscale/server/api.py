@@ -176,8 +176,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     unsupported_fields(body)
     tools = tool_setup(body, tokenizer, state.settings.tool_call_parser)
     grammar = grammar_for(body)
-    if tools.grammar is not None:  # tool_choice "required" or named: the calls are the constraint
-        grammar = tools.grammar
+    if tools.grammar is not None and (grammar is None or body.tool_choice not in (None, "auto")):
+        grammar = tools.grammar  # a response_format wins over "auto": the answer is then no call
     ids = request_prompt_ids(tokenizer, body, tools)
     gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [ids],
                   {**body.sampling_overrides(), "structured": grammar}, prompt_param="messages",

@@ -18,7 +18,7 @@ from chatscale.engine.structured.spec import GrammarSpec
 from chatscale.models.tokenizer import Tokenizer
 from chatscale.server.errors import APIError
 from chatscale.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
-from chatscale.server.tools.grammar import forced_calls
+from chatscale.server.tools.grammar import tool_grammar
 from chatscale.server.tools.parsers import parser_for_template
 from chatscale.server.tools.prompt import for_tool_template, template_renders_tools, with_default_tools
 
@@ -32,7 +32,7 @@ class ToolSetup:
     """How this request's answer is read: `parser` set when tool calls are to be parsed out."""
 
     parser: str | None = None
-    grammar: GrammarSpec | None = None  # tool_choice "required" or named: calls forced
+    grammar: GrammarSpec | None = None  # calls that follow the schemas: forced ("required", named) or not
 
 
 def check_content(messages: list[ChatMessage]) -> None:
@@ -47,7 +47,8 @@ def check_content(messages: list[ChatMessage]) -> None:
 
 
 def tool_setup(body: ChatCompletionRequest, tokenizer: Tokenizer, parser: str | None) -> ToolSetup:
-    """Check tools and tool_choice; the parser and (for "required" or a named tool) the grammar."""
+    """Check tools and tool_choice; the parser and the grammar of calls (forced for "required" or a
+    named tool; with "auto", text or schema-valid calls)."""
     choice = body.tool_choice
     if choice is not None and not body.tools and choice != "none":
         raise APIError(400, "tool_choice is only allowed when tools are specified.", param="tool_choice")
@@ -61,10 +62,8 @@ def tool_setup(body: ChatCompletionRequest, tokenizer: Tokenizer, parser: str | 
         if not named:
             raise APIError(400, f"tool_choice names function '{choice.function.name}', which is not in tools.",
                            param="tool_choice")
-        return ToolSetup(parser, forced_calls(named, parser, parallel=False))
-    if choice == "required":
-        return ToolSetup(parser, forced_calls(functions, parser, body.parallel_tool_calls))
-    return ToolSetup(parser)
+        return ToolSetup(parser, tool_grammar(named, parser, parallel=False, forced=True))
+    return ToolSetup(parser, tool_grammar(functions, parser, body.parallel_tool_calls, forced=choice == "required"))
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,

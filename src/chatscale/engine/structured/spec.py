@@ -55,7 +55,7 @@ class GrammarSpec:
                 raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
             if not isinstance(schema, (dict, bool)):
                 raise GrammarError("a JSON schema must be an object or a boolean")
-            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+            return llguidance.LLMatcher.grammar_from_json_schema(close_objects(schema), defaults=JSON_LAYOUT)
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.source)
         if self.kind == "choice":
@@ -70,6 +70,25 @@ class GrammarSpec:
             except Exception as exc:  # the converter raises plain exceptions on syntax errors
                 raise GrammarError(f"the GBNF grammar does not parse: {exc}") from exc
         return llguidance.LLMatcher.grammar_from_lark(text)
+
+
+OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def close_objects(schema):
+    """The schema with every object that lists `properties` (and says nothing of other keys) taking
+    only those, as OpenAI's strict mode requires. Outputs still validate against the original; the
+    model cannot wander into keys nobody asked for (small models do, and never close them)."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: close_objects(v) for k, v in schema["properties"].items()}
+        if not any(k in schema for k in OPEN_KEYS):
+            out["additionalProperties"] = False
+    return out
 
 
 def check(spec: GrammarSpec) -> str:
