@@ -1,11 +1,13 @@
 """LangChain's standard chat-model integration suite (`langchain-tests`) against a real
 `chatscale serve` of the demo target, through `ChatOpenAI`, with tool calling, structured output and
-JSON mode switched on. Tests that need more knowledge than a 13M-parameter model has are xfail with
-their reason (the list is in README.md, "LangChain"); every protocol-level test must pass.
+JSON mode switched on. Tests that need more knowledge than the 13M-parameter demo model has are
+xfail with their reason (XFAIL below, also in docs/demo_models.md); every protocol-level test must pass.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import subprocess
 import sys
@@ -18,7 +20,29 @@ from server_utils import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
-KNOWLEDGE = "needs more knowledge than the 13M demo model has"
+# Why the shipped 13M demo model fails these (docs/demo_models.md, "Tool calls and JSON"): the
+# grammar makes calls and JSON well-formed, but it cannot make the model end a string or pick
+# sensible values, and the tool fine-tuning did not reach the quality to ship.
+NO_TOOL_TRAINING = ("the demo model was never trained on tool calls or JSON: inside a string the grammar forces "
+                    "it never writes the closing quote, so the answer stops at max_tokens")
+XFAIL = {
+    "test_tool_calling": NO_TOOL_TRAINING,
+    "test_tool_calling_async": NO_TOOL_TRAINING,
+    "test_bind_runnables_as_tools": NO_TOOL_TRAINING,
+    "test_tool_choice": NO_TOOL_TRAINING,
+    "test_tool_calling_with_no_arguments": "with parallel calls allowed the demo model keeps writing calls after "
+                                           "the first; the test expects exactly one",
+    "test_structured_output": NO_TOOL_TRAINING,
+    "test_structured_output_async": NO_TOOL_TRAINING,
+    "test_structured_output_pydantic_2_v1": NO_TOOL_TRAINING,
+    "test_structured_output_optional_param": NO_TOOL_TRAINING,
+    "test_json_mode": "JSON mode has no schema: the keys setup and punchline must come from the model's "
+                      "understanding of 'tell me a joke', which the demo model lacks",
+    "test_agent_loop": "with tool_choice auto the demo model, never trained on tools, answers in prose and calls "
+                       "nothing",
+    "test_unicode_tool_call_integration": "needs the model to copy Chinese characters from the question into "
+                                          "the call's arguments",
+}
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +88,19 @@ class TestChatscaleStandard(ChatModelIntegrationTests):
     @property
     def supported_usage_metadata_details(self) -> dict:
         return {"invoke": [], "stream": []}
+
+
+def _xfail(name: str, reason: str):
+    """The suite's own test, marked xfail with our reason (its parametrization kept)."""
+    base = getattr(ChatModelIntegrationTests, name)
+    if inspect.iscoroutinefunction(base):
+        async def test(self, *args, **kwargs):
+            await base(self, *args, **kwargs)
+    else:
+        def test(self, *args, **kwargs):
+            base(self, *args, **kwargs)
+    return pytest.mark.xfail(reason=reason, strict=False)(functools.wraps(base)(test))
+
+
+for _name, _reason in XFAIL.items():
+    setattr(TestChatscaleStandard, _name, _xfail(_name, _reason))
