@@ -48,6 +48,8 @@ def hf_config(arch: str, vocab_size: int):
         return LlamaConfig(**common, tie_word_embeddings=True, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64})
+    if arch == "llama_long":  # room for tool prompts (hundreds of tokens of the byte-level tokenizer)
+        return LlamaConfig(**{**common, "max_position_embeddings": 2048}, tie_word_embeddings=True)
     if arch == "llama_mha":
         return LlamaConfig(**{**common, "num_key_value_heads": 4})
     if arch == "llama_mqa":

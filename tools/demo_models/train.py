@@ -18,6 +18,7 @@ import json
 import math
 import random
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from tokenizers import Tokenizer
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import data
+import tool_data
 from tokenizer import CHAT_TEMPLATE, DEMO_DIR, ENDOFTEXT, IM_END, IM_START, ROOT
 
 IGNORE = -100
@@ -49,6 +51,7 @@ class Recipe:
     lr: float
     experts: int = 0
     top_k: int = 0
+    finetune: tuple[tuple[int, float], ...] = ()  # issue 19, per stage: (steps, peak LR) from the last weights
 
 
 RECIPES = {
@@ -56,13 +59,16 @@ RECIPES = {
     # learn in a few hundred steps on a shared 2-core machine: 12x384 was still at held-out 4.4 after
     # 100 steps. Twice the draft's width wants about half its learning rate: at 3e-3 this shape
     # stalled at 0.18 and mixed up topics.
-    "target": Recipe("llama", 512, 4, 8, 2, 1536, steps=500, batch_tokens=2048, lr=1.5e-3),
+    "target": Recipe("llama", 512, 4, 8, 2, 1536, steps=500, batch_tokens=2048, lr=1.5e-3,
+                     finetune=((250, 5e-4), (200, 1e-3))),
     # Two layers: many times cheaper per token than the target, trained on the same batches so it agrees.
-    "draft": Recipe("llama", 256, 2, 4, 2, 768, steps=600, batch_tokens=2048, lr=3e-3),
+    "draft": Recipe("llama", 256, 2, 4, 2, 768, steps=600, batch_tokens=2048, lr=3e-3,
+                    finetune=((300, 1e-3),)),
     "moe": Recipe("mixtral", 256, 4, 4, 2, 320, steps=400, batch_tokens=2048, lr=2.5e-3, experts=8, top_k=2),
 }
 N_TRAIN, N_HELDOUT, DATA_SEED = 30000, 300, 0
-MAX_LEN = 512
+MAX_LEN = 1024  # a tool prompt with four tools is about 700 tokens of the demo tokenizer
+FINETUNE_HELDOUT = 60  # tool prompts are long: a smaller held-out set
 EVALS = 6  # held-out evaluations per run, evenly spaced
 
 
@@ -253,12 +259,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="override the recipe (smoke tests)")
     ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
+    ap.add_argument("--finetune", type=int, default=0, metavar="STAGE",
+                    help="continue from the shipped weights on tool calls and JSON (tools/demo_models/tool_data.py), "
+                         "stage 1 then 2")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 by default: on a shared 2-core machine 2 threads ran 2-5x slower")
     ap.add_argument("--out", type=Path, default=None, help=f"default {DEMO_DIR}/MODEL")
     ap.add_argument("--plot", type=Path, default=None, help="default docs/img/demo_MODEL_loss.png")
     args = ap.parse_args()
     r = RECIPES[args.model]
+    if args.finetune:
+        if args.finetune > len(r.finetune):
+            raise SystemExit(f"no fine-tuning stage {args.finetune} for {args.model}")
+        steps, lr = r.finetune[args.finetune - 1]
+        r = Recipe(**{**r.__dict__, "steps": steps, "lr": lr, "batch_tokens": 4096})
+        stage = tool_data.STAGES[args.finetune]
     overrides = {"steps": args.steps, "lr": args.lr}
     r = Recipe(**{**r.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     out = args.out or DEMO_DIR / args.model
@@ -267,11 +282,18 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
 
-    train_convs, heldout_convs = data.split(N_TRAIN, N_HELDOUT, DATA_SEED)
+    if args.finetune:
+        train_convs, heldout_convs = tool_data.finetune_split(stage, FINETUNE_HELDOUT)
+    else:
+        train_convs, heldout_convs = data.split(N_TRAIN, N_HELDOUT, DATA_SEED)
     train, heldout = encode(tok, train_convs), encode(tok, heldout_convs)
     cfg = model_config(r, tok.get_vocab_size(), ids)
-    model = (LlamaForCausalLM if r.arch == "llama" else MixtralForCausalLM)(cfg)
-    zero_residual_writes(model)
+    model_class = LlamaForCausalLM if r.arch == "llama" else MixtralForCausalLM
+    if args.finetune:
+        model = model_class.from_pretrained(out, torch_dtype=torch.float32)
+    else:
+        model = model_class(cfg)
+        zero_residual_writes(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {params / 1e6:.2f}M params, {len(train)} train / {len(heldout)} held-out", flush=True)
 
@@ -304,9 +326,23 @@ def main() -> None:
     gen.save_pretrained(out)
     command = f".venv/bin/python tools/demo_models/train.py --model {args.model}"
     command += "".join(f" --{k} {v}" for k, v in overrides.items() if v is not None)
-    (out / "README.md").write_text(model_card(args.model, r, cfg, log, command))
-    plot(args.model, log, args.plot or ROOT / "docs" / "img" / f"demo_{args.model}_loss.png")
-    Path(f"/tmp/demo_{args.model}_log.json").write_text(json.dumps(log))
+    if args.finetune:
+        finetune = (f"- Fine-tuned (issue 19), stage {args.finetune}: {r.steps} steps of about {r.batch_tokens} "
+                    f"padded tokens at peak LR {r.lr} on `tools/demo_models/tool_data.py` (seed {stage.seed}, "
+                    f"{stage.tool_share:.0%} tool calls in the server's default Hermes-style format, "
+                    f"{stage.json_share:.0%} JSON answers, the rest the original conversations); "
+                    f"{log['wall_s'] / 60:.1f} min; held-out loss on that mixture {log['heldout'][-1][1]:.4f}. "
+                    f"Reproduce: `{command} --finetune {args.finetune}`.")
+        finetune = textwrap.fill(finetune, 110, subsequent_indent="  ", break_on_hyphens=False) + "\n"
+        head, tail = (out / "README.md").read_text().split("\nLimitations:", 1)
+        head = head.split(f"- Fine-tuned (issue 19), stage {args.finetune}")[0].rstrip("\n")  # a rerun replaces it
+        (out / "README.md").write_text(f"{head}\n{finetune}\nLimitations:{tail}")
+    else:
+        (out / "README.md").write_text(model_card(args.model, r, cfg, log, command))
+    suffix = f"_finetune{args.finetune}" if args.finetune else ""
+    plot(args.model + suffix.replace("_", " "), log,
+         args.plot or ROOT / "docs" / "img" / f"demo_{args.model}{suffix}_loss.png")
+    Path(f"/tmp/demo_{args.model}{suffix}_log.json").write_text(json.dumps(log))
     print(f"done: {out} in {log['wall_s'] / 60:.1f} min, held-out {log['heldout'][-1][1]:.4f}")
 
 

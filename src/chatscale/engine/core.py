@@ -28,6 +28,8 @@ from chatscale.engine.scheduler import Scheduler, SchedulerOutput
 from chatscale.engine.sequence import Sequence
 from chatscale.engine.spec_decode import SpecDecodeStats, SpecPolicy
 from chatscale.engine.tier_costs import TierCosts, measure_tier_costs
+from chatscale.engine.structured.hook import StructuredOutputs
+from chatscale.models.config import ModelConfig
 from chatscale.models.loader import GenerationDefaults
 from chatscale.models.tokenizer import Tokenizer
 
@@ -48,7 +50,10 @@ class EngineCore:
         eos = set(self.generation_defaults.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.executor = make_executor(config, frozenset(eos), num_blocks)
+        vocab = ModelConfig.from_dir(path).vocab_size
+        # Grammars of constrained requests: compiled on a thread, masks filled while the forward runs.
+        self.structured = StructuredOutputs(tokenizer.to_json(), vocab, sorted(eos))
+        self.executor = make_executor(config, frozenset(eos), num_blocks, self.structured)
         self.model = self.executor.model
         cfg = self.model.cfg
         self.eos_token_ids = frozenset(eos or cfg.eos_token_ids)
@@ -138,6 +143,9 @@ class EngineCore:
         seqs = [Sequence(req.request_id, req.prompt_token_ids, req.params, index=i, arrival_time=arrival,
                          cache_salt=req.cache_salt) for i in range(req.params.n)]
         self.requests[req.request_id] = seqs
+        if req.params.structured is not None:
+            self.structured.start(req.request_id, seqs)  # scheduled once its grammar is compiled
+            return
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -145,6 +153,8 @@ class EngineCore:
         """Stop a request wherever it is, or one of its choices that a stop string ended (the pages
         past `keep_tokens` leave the prefix cache); its pages are freed at once."""
         seqs = self.requests.get(request_id, [])
+        if index is None:
+            self.structured.abort(request_id)
         for seq in seqs:
             if (index is None or seq.index == index) and not seq.is_finished:
                 self.scheduler.finish(seq, "abort" if index is None else "stop", keep_tokens)
@@ -156,15 +166,19 @@ class EngineCore:
             del self.requests[request_id]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.structured.num_pending > 0
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> StepResult | None:
         """Run one step; None when there was nothing to run."""
+        failed = self._admit_compiled()
         self._spec_batch = max(len(self.scheduler.running), 1)  # what speculation's roofline sees
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self.executor.apply_copies(plan.copies)
+            if failed:
+                return StepResult(failed, self.snapshot())
+            self.structured.wait()  # nothing to run but grammars compiling: wait for one
             return None
         start = time.monotonic()
         sampled_before = plan.sampled
@@ -181,11 +195,28 @@ class EngineCore:
             num_seqs=len(chunks), num_tokens=sum(n for _, n in chunks),
             num_prefill_tokens=sum(n for _, n in plan.scheduled if n > 1), duration_s=now - start, end_time=now,
             chunks=chunks, expert_tokens=out.expert_tokens)
-        deltas = [self._delta(seq, tokens, out) for seq, tokens in appended]
+        deltas = failed + [self._delta(seq, tokens, out) for seq, tokens in appended]
         for seq, _ in appended:
             if seq.is_finished:
                 self._forget_if_done(seq.request_id)
         return StepResult(deltas, self.snapshot(), self.last_step)
+
+    def _admit_compiled(self) -> list[SeqDelta]:
+        """Schedule requests whose grammar compiled; end those whose grammar failed ("abort", the
+        reason in stop_reason) and return their deltas."""
+        failed = []
+        for seqs, error in self.structured.ready():
+            if error is None:
+                for seq in seqs:
+                    self.scheduler.add(seq)
+                continue
+            log.warning("request %s: its grammar failed to compile: %s", seqs[0].request_id, error)
+            for seq in seqs:
+                seq.stop_reason = f"grammar error: {error}"
+                self.scheduler.finish(seq, "abort")
+                failed.append(SeqDelta(seq.request_id, seq.index, [], None, "abort", seq.stop_reason))
+            self._forget_if_done(seqs[0].request_id)
+        return failed
 
     def _delta(self, seq: Sequence, tokens: list[int], out: ModelOutput) -> SeqDelta:
         lps = out.logprobs.get(seq) if seq.params.logprobs is not None else None

@@ -23,6 +23,7 @@ from chatscale.engine.sampler import Sampler
 from chatscale.engine.scheduler import SchedulerOutput
 from chatscale.engine.sequence import Sequence
 from chatscale.engine.spec_decode import DraftModelProposer, NgramProposer, Proposal, verify
+from chatscale.engine.structured.hook import StructuredOutputs
 from chatscale.models.llama import LlamaForCausalLM
 from chatscale.models.loader import load_model
 
@@ -57,11 +58,13 @@ class Executor(Protocol):
 class InProcessExecutor:
     """The model, sampler and proposer in the engine core's own process, on one device."""
 
-    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None,
+                 structured: StructuredOutputs | None = None) -> None:
         self.model = load_model(config.model, config.dtype, config.device)
         self.runner = ModelRunner(self.model, config, num_blocks)
         self.num_blocks = self.runner.num_blocks
         self.sampler = Sampler(eos_token_ids)
+        self.structured = structured  # grammar masks of constrained sequences
         self.proposer: DraftModelProposer | NgramProposer | None = None
         self.draft_weight_ratio = 0.0
         if config.speculative_model == "ngram":
@@ -79,7 +82,7 @@ class InProcessExecutor:
         if draft.cfg.vocab_size != self.model.cfg.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
                              f"target's ({self.model.cfg.vocab_size}); a draft must share the target's tokenizer")
-        self.proposer = DraftModelProposer(ModelRunner(draft, config, self.num_blocks), self.sampler)
+        self.proposer = DraftModelProposer(ModelRunner(draft, config, self.num_blocks), self.sampler, self.structured)
         self.draft_weight_ratio = weight_bytes(draft) / weight_bytes(self.model)
 
     def apply_copies(self, copies: list[tuple[str, int, int]]) -> None:
@@ -88,12 +91,17 @@ class InProcessExecutor:
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
         works = works_for(plan.scheduled)
         proposals = self.proposer.propose(plan.lookahead) if plan.lookahead else {}
+        if self.structured is not None:
+            self.structured.check_proposals(proposals)
         for w in works:
             proposal = proposals.get(w.seq)
             if proposal is not None and proposal.tokens:
                 w.ids = w.ids + proposal.tokens
                 w.num_logits = len(w.ids)
+        masks = self.structured.fill_masks(_logit_rows(works)) if self.structured else None  # overlaps the forward
         logits = self.runner.run(works, plan.copies)
+        if masks is not None:
+            self.structured.apply(logits, masks)
         out = self._sample(works, logits, proposals)
         out.expert_tokens = self.model.expert_tokens()
         return out
@@ -128,13 +136,24 @@ class InProcessExecutor:
         pass
 
 
-def make_executor(config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None) -> Executor:
+def _logit_rows(works: list[Work]) -> list[tuple[Sequence, int, list[int]]]:
+    """(sequence, its first logits row, the proposals verified after it) for each work with logits."""
+    rows, row = [], 0
+    for w in works:
+        if w.num_logits:
+            rows.append((w.seq, row, w.ids[len(w.ids) - w.num_logits + 1:]))
+        row += w.num_logits
+    return rows
+
+
+def make_executor(config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None,
+                  structured: StructuredOutputs | None = None) -> Executor:
     """The executor `config.executor` names: "inprocess", or "package.module:Class" (same arguments)."""
     if config.executor == "inprocess":
-        return InProcessExecutor(config, eos_token_ids, num_blocks)
+        return InProcessExecutor(config, eos_token_ids, num_blocks, structured)
     module, _, name = config.executor.partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ValueError(f"--executor {config.executor!r}: expected 'inprocess' or 'module:Class' ({exc})") from exc
-    return cls(config, eos_token_ids, num_blocks)
+    return cls(config, eos_token_ids, num_blocks, structured)

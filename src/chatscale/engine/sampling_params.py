@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chatscale.engine.structured.spec import GrammarSpec  # plain data: crosses to the engine process
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -29,6 +31,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k: the sampled token's and the top-k
     skip_special_tokens: bool = True
+    # Structured output: the grammar every sampled token must follow (plain data; compiled by the engine).
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

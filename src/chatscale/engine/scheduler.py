@@ -121,6 +121,8 @@ class Scheduler:
             for token in tokens:
                 seq.append_token(token)
                 kept.append(token)
+                if seq.grammar is not None and not seq.grammar.accept([token]):
+                    seq.grammar = None  # a ban overrode the mask (e.g. min_tokens): no longer guaranteed
                 seq.first_token_time = seq.first_token_time or now
                 seq.last_token_time = now
                 if seq.check_stop(self.eos_token_ids, self.max_model_len):
@@ -153,7 +155,7 @@ class Scheduler:
         `keep_tokens`, tokens past that many were an overshoot: their pages leave the prefix cache."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:  # not yet added: compiling a grammar
             self.waiting.remove(seq)
         if reason is not None:
             seq.finish_reason = reason

@@ -56,6 +56,7 @@ class Sequence:
     last_token_time: float | None = None
     output_logprobs: list[Any] = field(default_factory=list)
     rng: Any = None  # the sampler's per-sequence generator, for seeded requests
+    grammar: Any = None  # structured output: a GrammarState over the output tokens, or None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

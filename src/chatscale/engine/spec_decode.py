@@ -22,6 +22,7 @@ import torch
 from chatscale.engine.runner import ModelRunner, Work
 from chatscale.engine.sampler import Sampler, exponential_race, seq_generator
 from chatscale.engine.sequence import Sequence
+from chatscale.engine.structured.hook import StructuredOutputs
 from chatscale.planner.roofline import speculative_tokens_per_pass
 
 
@@ -84,18 +85,23 @@ class DraftModelProposer:
     bookkeeping. A sequence's draft KV starts empty; the first proposal catches up on the whole
     prompt in one chunk (the draft is several times cheaper than the target)."""
 
-    def __init__(self, runner: ModelRunner, sampler: Sampler) -> None:
+    def __init__(self, runner: ModelRunner, sampler: Sampler, structured: StructuredOutputs | None = None) -> None:
         self.runner = runner
         self.sampler = sampler
+        self.structured = structured  # masks a constrained sequence's draft logits by its grammar
 
     def propose(self, batch: dict[Sequence, int]) -> dict[Sequence, Proposal]:
         tokens: dict[Sequence, list[int]] = {seq: [] for seq in batch}
         probs: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in batch}
         works = [Work(seq, seq.num_draft_computed_tokens, seq.token_ids[seq.num_draft_computed_tokens:])
                  for seq in batch]
+        advanced: dict[Sequence, int] = {}  # constrained sequences: their grammar's position before
         while works:
             seqs = [w.seq for w in works]
-            dist = self.sampler.distribution(self.runner.run(works), seqs)
+            logits = self.runner.run(works)
+            if self.structured is not None:
+                self.structured.mask_draft(logits, seqs)
+            dist = self.sampler.distribution(logits, seqs)
             picked = dist.argmax(dim=-1)
             sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
             if sampled:
@@ -107,11 +113,21 @@ class DraftModelProposer:
                 seq.num_draft_computed_tokens = w.start + len(w.ids)
                 tokens[seq].append(token)
                 probs[seq].append(row)
-                if len(tokens[seq]) < batch[seq]:
+                if len(tokens[seq]) < batch[seq] and self._advance_grammar(seq, token, advanced):
                     nxt.append(Work(seq, seq.num_draft_computed_tokens, [token]))
             works = nxt
+        for seq, start in advanced.items():  # the grammars stepped through the proposals: step back
+            seq.grammar.rollback(seq.grammar.num_tokens - start)
         return {seq: Proposal(tokens[seq], None if seq.params.greedy else torch.stack(probs[seq]))
                 for seq in batch}
+
+    def _advance_grammar(self, seq: Sequence, token: int, advanced: dict[Sequence, int]) -> bool:
+        """Move a constrained sequence's grammar over its proposal, so the next draft step is masked
+        from there; False (propose no further) past the grammar's end."""
+        if self.structured is None or seq.grammar is None:
+            return True
+        advanced.setdefault(seq, seq.grammar.num_tokens)
+        return seq.grammar.accept([token])
 
 
 def verify(target: torch.Tensor, proposal: Proposal, seq: Sequence) -> list[int]:

@@ -90,6 +90,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what grammar libraries build their vocabulary from)."""
+        return self._tok.to_str()
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
@@ -115,7 +119,11 @@ class Tokenizer:
             **kwargs,
         )
 
-    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Token ids of a chat; the template already writes any BOS, so none is added twice."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_text(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                         **kwargs))
+
+    def encode_text(self, rendered: str) -> list[int]:
+        """Token ids of text a chat template rendered (special tokens in it are parsed, no BOS added)."""
+        return self._tok.encode(rendered, add_special_tokens=False).ids

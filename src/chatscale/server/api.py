@@ -17,9 +17,8 @@ from fastapi.staticfiles import StaticFiles
 
 from chatscale.engine.async_engine import AsyncEngine
 from chatscale.metrics import CONTENT_TYPE, Metrics
-from chatscale.server.completions import (
-    chat_completion, chat_prompt_ids, chat_stream, collect, text_completion, text_stream,
-)
+from chatscale.server.chat_prompt import chat_prompt_ids, request_prompt_ids, tool_setup
+from chatscale.server.completions import chat_completion, chat_stream, collect, text_completion, text_stream
 from chatscale.server.dashboard import History
 from chatscale.server.dashboard import router as dashboard_router
 from chatscale.server.disconnect import cancel_on_disconnect
@@ -34,6 +33,7 @@ from chatscale.server.protocol import (
 from chatscale.server.settings import ServerSettings
 from chatscale.server.sse import SSEResponse
 from chatscale.server.state import ServerState
+from chatscale.server.structured import grammar_for, unsupported_fields
 
 log = logging.getLogger("chatscale.server")
 router = APIRouter()
@@ -148,7 +148,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if len(given) != 1 or (body.prompt is None and body.messages is None):  # as the schema's oneOf says
         raise APIError(400, "Send exactly one of 'prompt' or 'messages', not null.", param="prompt")
     if body.messages is not None:
-        ids = chat_prompt_ids(core.tokenizer, body.messages, body.add_generation_prompt)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        ids = chat_prompt_ids(core.tokenizer, body.messages, body.add_generation_prompt, tools,
+                              body.chat_template_kwargs)
     else:
         ids = core.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=core.max_model_len, tokens=ids)
@@ -172,11 +174,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     _check_model(state, body.model)
     request.state.hold.take(1, body.n)
     tokenizer = engine.tokenizer
-    gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [chat_prompt_ids(tokenizer, body.messages)],
-                  body.sampling_overrides(), prompt_param="messages", cache_salt=body.cache_salt)
+    unsupported_fields(body)
+    tools = tool_setup(body, tokenizer, state.settings.tool_call_parser)
+    grammar = grammar_for(body)
+    if tools.grammar is not None and (grammar is None or body.tool_choice not in (None, "auto")):
+        grammar = tools.grammar  # a response_format wins over "auto": the answer is then no call
+    ids = request_prompt_ids(tokenizer, body, tools)
+    gen = prepare(engine, "chatcmpl", state.settings.served_model_name, [ids],
+                  {**body.sampling_overrides(), "structured": grammar}, prompt_param="messages",
+                  cache_salt=body.cache_salt)
+    gen.tool_parser = tools.parser
     outs = outputs(engine, gen, state.metrics, state.drain_cut)
     if body.stream:
-        return SSEResponse(chat_stream(gen, outs, tokenizer, body.include_usage))
+        return SSEResponse(chat_stream(gen, outs, tokenizer, body.include_usage or state.settings.always_include_usage))
     return chat_completion(gen, await cancel_on_disconnect(request, collect(outs)), tokenizer)
 
 
@@ -185,12 +195,18 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     state = _state(request)
     engine = state.ready_engine()
     _check_model(state, body.model)
+    unsupported_fields(body)
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported: prompt tokens get no logprobs here.", param="echo")
     prompts = body.prompts()
     request.state.hold.take(len(prompts), body.n)
-    gen = prepare(engine, "cmpl", state.settings.served_model_name, prompts, body.sampling_overrides(),
-                  prompt_param="prompt", cache_salt=body.cache_salt)
-    outs = outputs(engine, gen, state.metrics, state.drain_cut)
+    gen = prepare(engine, "cmpl", state.settings.served_model_name, prompts,
+                  {**body.sampling_overrides(), "structured": grammar_for(body)}, prompt_param="prompt",
+                  cache_salt=body.cache_salt)
     tokenizer = engine.tokenizer
+    if body.echo:
+        gen.echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+    outs = outputs(engine, gen, state.metrics, state.drain_cut)
     if body.stream:
-        return SSEResponse(text_stream(gen, outs, tokenizer, body.include_usage))
+        return SSEResponse(text_stream(gen, outs, tokenizer, body.include_usage or state.settings.always_include_usage))
     return text_completion(gen, await cancel_on_disconnect(request, collect(outs)), tokenizer)

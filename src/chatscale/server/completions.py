@@ -1,7 +1,9 @@
 """Engine outputs in OpenAI's shapes: chat completions and text completions, whole or streamed.
 
-Streams follow OpenAI's order: a role chunk per choice, content deltas, a chunk with each choice's
-finish_reason, then (with `stream_options.include_usage`) a usage chunk with `choices: []`.
+Streams follow OpenAI's order: a role chunk per choice, content (and tool call) deltas, a chunk with
+each choice's finish_reason, then (with `stream_options.include_usage`) a usage chunk with `choices: []`.
+When tools were offered, calls are parsed out of the text (tools/parsers.py) into `tool_calls`, with
+`finish_reason: "tool_calls"`.
 """
 
 from __future__ import annotations
@@ -9,28 +11,30 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import jinja2
-
 from chatscale.engine.outputs import CompletionOutput, RequestOutput
 from chatscale.models.tokenizer import Tokenizer
-from chatscale.server.errors import APIError
 from chatscale.server.generation import Generation
 from chatscale.server.logprobs import chat_logprobs, completion_logprobs
 from chatscale.server.protocol import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatMessage, Completion,
-    CompletionChoice, Delta, Usage,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, Completion, CompletionChoice,
+    Delta, FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta, Usage,
 )
 from chatscale.server.sse import event
+from chatscale.server.tools.parsers import ToolStream, parse
 
 Outputs = AsyncIterator[tuple[int, RequestOutput]]
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-    """The conversation rendered with the checkpoint's own chat template."""
-    try:
-        return tokenizer.encode_chat([m.for_template() for m in messages], add_generation_prompt)
-    except (jinja2.TemplateError, ValueError) as exc:  # the template's raise_exception, or no template
-        raise APIError(400, f"The chat template rejected these messages: {exc}", param="messages") from exc
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _message(gen: Generation, text: str) -> tuple[AssistantMessage, bool]:
+    if gen.tool_parser is None:
+        return AssistantMessage(content=text), False
+    content, calls = parse(text, gen.tool_parser)
+    tool_calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    return AssistantMessage(content=content, tool_calls=tool_calls or None), bool(calls)
 
 
 async def collect(outputs: Outputs) -> dict[int, RequestOutput]:
@@ -43,9 +47,11 @@ async def collect(outputs: Outputs) -> dict[int, RequestOutput]:
 
 
 def chat_completion(gen: Generation, finals: dict[int, RequestOutput], tokenizer: Tokenizer) -> ChatCompletion:
-    choices = [ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
-                          logprobs=chat_logprobs(tokenizer, o.logprobs), finish_reason=o.finish_reason)
-               for o in finals[0].outputs]
+    choices = []
+    for o in finals[0].outputs:
+        message, called = _message(gen, o.text)
+        choices.append(ChatChoice(index=o.index, message=message, logprobs=chat_logprobs(tokenizer, o.logprobs),
+                                  finish_reason=_finish_reason(o.finish_reason, called)))
     return ChatCompletion(id=gen.id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage(finals))
 
 
@@ -71,17 +77,27 @@ async def chat_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, i
     for index in range(gen.n):
         yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
     finals: dict[int, RequestOutput] = {}
+    parsers = [ToolStream(gen.tool_parser) for _ in range(gen.n)] if gen.tool_parser else None
     async with aclosing(_deltas(outputs, finals)) as deltas:
         async for _, o in deltas:
-            yield chunk([ChatChunkChoice(index=o.index, delta=Delta(content=o.delta_text or None),
-                                         logprobs=chat_logprobs(tokenizer, o.delta_logprobs),
-                                         finish_reason=o.finish_reason)])
+            content, calls, called = o.delta_text, None, False
+            if parsers is not None:
+                content, call_deltas = parsers[o.index].feed(o.delta_text, final=o.finish_reason is not None)
+                calls = [ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
+                                       function=FunctionCallDelta(name=d.name, arguments=d.arguments if d.id is None
+                                                                  else d.arguments or ""))
+                         for d in call_deltas] or None
+                called = bool(parsers[o.index].calls)
+            logprobs = chat_logprobs(tokenizer, o.delta_logprobs)
+            if content or calls or logprobs or o.finish_reason:
+                yield chunk([ChatChunkChoice(index=o.index, delta=Delta(content=content or None, tool_calls=calls),
+                                             logprobs=logprobs, finish_reason=_finish_reason(o.finish_reason, called))])
     if include_usage:
         yield chunk([], gen.usage(finals))
 
 
 def text_completion(gen: Generation, finals: dict[int, RequestOutput], tokenizer: Tokenizer) -> Completion:
-    choices = [CompletionChoice(index=i * gen.n + o.index, text=o.text,
+    choices = [CompletionChoice(index=i * gen.n + o.index, text=gen.echoed(i) + o.text,
                                 logprobs=completion_logprobs(tokenizer, o.logprobs, 0)[0], finish_reason=o.finish_reason)
                for i, out in sorted(finals.items()) for o in out.outputs]
     return Completion(id=gen.id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage(finals))
@@ -93,8 +109,10 @@ async def text_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, i
     async with aclosing(_deltas(outputs, finals)) as deltas:
         async for i, o in deltas:
             index = i * gen.n + o.index
+            echo = gen.echoed(i) if index not in offsets else ""  # the prompt leads a choice's first chunk
             logprobs, offsets[index] = completion_logprobs(tokenizer, o.delta_logprobs, offsets.get(index, 0))
-            choice = CompletionChoice(index=index, text=o.delta_text, logprobs=logprobs, finish_reason=o.finish_reason)
+            choice = CompletionChoice(index=index, text=echo + o.delta_text, logprobs=logprobs,
+                                      finish_reason=o.finish_reason)
             yield event(Completion(id=gen.id, created=gen.created, model=gen.model, choices=[choice]), include_usage)
     if include_usage:
         yield event(Completion(id=gen.id, created=gen.created, model=gen.model, choices=[], usage=gen.usage(finals)),

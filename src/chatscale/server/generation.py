@@ -31,6 +31,8 @@ class Generation:
     prompts: list[list[int]]
     params: list[SamplingParams]  # one copy per prompt: the engine fills max_tokens in place
     cache_salt: str | None = None
+    tool_parser: str | None = None  # chat with tools: the format calls are parsed from
+    echo: list[str] | None = None  # completions with echo: each prompt's text, to lead its choices
     # time.monotonic() when the server took the request: TTFT and latency count from here, so the
     # time before the engine thread picks a request up is not hidden from them.
     arrival: float = field(default_factory=time.monotonic)
@@ -38,6 +40,9 @@ class Generation:
     @property
     def n(self) -> int:
         return self.params[0].n
+
+    def echoed(self, prompt: int) -> str:
+        return self.echo[prompt] if self.echo else ""
 
     def usage(self, finals: dict[int, RequestOutput]) -> Usage:
         """Usage of the outputs so far; the prompt counts once however many choices it has."""
@@ -66,7 +71,8 @@ def prepare(engine: AsyncEngine, kind: str, model: str, prompts: list[str | list
             core.check_request(prompt_ids, p, prompt_param)
         except ContextLengthError as exc:
             raise APIError(400, str(exc), param=prompt_param, code=exc.code) from exc
-    return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt, cache_salt, arrival)
+    return Generation(f"{kind}-{uuid.uuid4().hex}", int(time.time()), model, ids, per_prompt, cache_salt,
+                      arrival=arrival)
 
 
 async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics,

@@ -1,8 +1,9 @@
 """OpenAI's request and response bodies as pydantic models: the wire contract and /openapi.json.
 
 Requests are strict (no "1" for 1) with OpenAI's ranges, so a bad field is a 400 naming it before
-anything reaches the engine. Unknown fields are ignored, as vLLM does, so clients that send
-options we do not model (tools, response_format, ...) still get an answer.
+anything reaches the engine. Fields OpenAI defines that we cannot honour are modelled and refused
+with a 400 (`unsupported_fields`); a few are accepted and ignored on purpose (README lists them);
+fields nobody defines are ignored, as vLLM does.
 """
 
 from __future__ import annotations
@@ -56,9 +57,24 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: Text
+class ContentPart(_Strict):
+    """A content part of any type: text is taken; images, audio and files are refused by name
+    (`ChatMessage.non_text_part`), not with a schema error."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Text
+    text: Text | None = None
+
+
+class FunctionCall(_Strict):
+    name: Text
+    arguments: Text = Field(description="the arguments as a JSON object's text")
+
+
+class ToolCall(_Strict):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
@@ -68,8 +84,10 @@ class ChatMessage(_Strict):
         "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = Field(None, validate_default=True)
+    content: Text | list[ContentPart] | None = Field(None, validate_default=True)
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -79,14 +97,68 @@ class ChatMessage(_Strict):
             raise ValueError(f"a {role} message needs content")
         return content
 
+    def non_text_part(self) -> str | None:
+        """The type of the first content part that is not text, if any."""
+        parts = self.content if isinstance(self.content, list) else []
+        return next((p.type for p in parts if p.type != "text" or p.text is None), None)
+
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: text content, and `developer` (OpenAI's newer
         name for the system role) as `system`, which open-model templates know."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        text = self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content or [])
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[Text, StringConstraints(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: Text
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format; an unknown type is a 400 naming the three it can be."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
 
 
 class _GenerationRequest(_Strict):
@@ -116,6 +188,18 @@ class _GenerationRequest(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     cache_salt: Text | None = Field(None, description="requests share cached prompt pages only with the same salt")
+    # Structured output, vLLM's names (`response_format` is chat's): one constraint at most.
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    guided_decoding_backend: Text | None = Field(None, description="accepted and ignored: always llguidance")
+    guided_whitespace_pattern: Text | None = None  # refused: JSON layout is fixed
+    # Accepted and ignored on purpose (README): bookkeeping fields of OpenAI's that change no output.
+    store: bool | None = None
+    metadata: dict[str, Text] | None = None
+    service_tier: Text | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -150,6 +234,20 @@ class _GenerationRequest(_Strict):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # Refused with a 400 (`unsupported_fields`): OpenAI fields this server cannot honour.
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[Text] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
     max_tokens: Int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -169,6 +267,8 @@ class CompletionRequest(_GenerationRequest):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     max_tokens: Int | None = Field(16, ge=1)
     logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: Text | None = None  # refused: no fill-in-the-middle
 
     def sampling_overrides(self) -> dict[str, Any]:
         return {**super().sampling_overrides(), "max_tokens": self.max_tokens, "logprobs": self.logprobs}
@@ -209,7 +309,15 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_only_if_any(self, handler):  # OpenAI omits tool_calls when there are none
+        body = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
+        return body
 
 
 class ChatChoice(BaseModel):
@@ -228,9 +336,33 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call: the first delta of a call has its id, type and name; later ones
+    add argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler):  # OpenAI sends {"content": "x"}, not {"role": null, ...}
@@ -304,6 +436,8 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | SkipJsonSchema[None] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(BaseModel):

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # server/tools/parsers.py; kept here to keep --help light
+
 
 @dataclass
 class ServerSettings:
@@ -22,11 +24,15 @@ class ServerSettings:
     max_body_bytes: int = 8 * 2**20
     body_timeout: float = 30.0  # seconds a client gets to send its whole request body; slower: 408
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    always_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not
+    tool_call_parser: str | None = None  # hermes | llama3_json; None: from the chat template
 
     def __post_init__(self) -> None:
         positive = ("max_concurrent_sequences", "max_sequences_per_request", "max_body_bytes", "body_timeout")
         if any(getattr(self, name) <= 0 for name in positive) or self.drain_timeout < 0:
             raise ValueError(f"{', '.join(positive)} must be positive and drain_timeout >= 0")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
 
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +51,12 @@ class ServerSettings:
                        help="seconds a client gets to send its whole request body; slower ones get 408")
         p.add_argument("--drain-timeout", type=float, default=d["drain_timeout"],
                        help="on SIGTERM, seconds in-flight requests get to finish before they are cut")
+        p.add_argument("--always-include-usage", action="store_true",
+                       help="end every stream with a usage chunk, even unasked (clients such as LangChain's "
+                            "ChatOpenAI ask only OpenAI's own URLs for it)")
+        p.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                       help="how tool calls are read from the model's text (default: from the chat template; "
+                            "hermes when the template does not render tools)")
         p.add_argument("--served-model-name", default=None,
                        help="the `model` clients send (default: the model directory's name)")
 

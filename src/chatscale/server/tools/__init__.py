@@ -1,0 +1,1 @@
+"""Tool calling: tools into the prompt (the template's own or a default), calls out of the text."""
