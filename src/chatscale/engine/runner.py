@@ -101,7 +101,7 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.backend = make_backend(config.attention_backend, self.device, slots, config.block_size,
-                                    cfg.sliding_window)
+                                    cfg.sliding_window, config.compile)
         self.host_pages: torch.Tensor | None = None
         self._decode_graph = None
         self._compile_s = 0.0

@@ -16,10 +16,12 @@ BACKENDS = ("torch", "flex")
 
 
 def make_backend(name: str, device: torch.device, num_kv_slots: int, block_size: int,
-                 sliding_window: int | None) -> AttentionBackend:
-    """The backend `name` ("auto": flex where it applies, else torch)."""
+                 sliding_window: int | None, compile: bool = True) -> AttentionBackend:
+    """The backend `name` ("auto": flex where it applies and compiling is allowed, else torch:
+    flex is fast only compiled, and with compiling off nothing should compile)."""
     if name == "auto":
-        name = "flex" if sliding_window is None and block_size >= MAX_DECODE_QUERY else "torch"
+        flex_fits = sliding_window is None and block_size >= MAX_DECODE_QUERY
+        name = "flex" if flex_fits and compile else "torch"
     if name == "torch":
         from chatscale.models.attention.torch_ref import TorchAttention
 
