@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatscale.engine.tier_costs import TierCosts
 
 
 def default_model_path() -> str:
@@ -28,6 +32,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_host_bytes: int = 0  # second KV tier (host memory on GPU, a disk area on CPU); 0: off
     kv_host_dir: str | None = None  # where the CPU disk area lives (default: the temp directory)
+    # Restore vs recompute cost per page that decides whether the tier pays; None: measured at start-up.
+    # Given, it makes the decision reproducible (tests; a fleet that measured once).
+    kv_tier_costs: TierCosts | None = None
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     speculative_model: str | None = None  # a draft model directory, "demo-draft", or "ngram"; None: off
     num_speculative_tokens: int = 4

@@ -150,7 +150,7 @@ class LLMEngine:
         if pages < 1:
             raise ValueError("--kv-host-bytes is smaller than one KV page")
         self.runner.allocate_host_tier(pages, self.config.kv_host_dir)
-        self.tier_report = measure_tier_costs(self)
+        self.tier_report = self.config.kv_tier_costs or measure_tier_costs(self)
         if self.tier_report.pays:
             self.kv.tier = HostTier(pages)
         else:
