@@ -42,7 +42,7 @@ from chatscale.bench.launch import free_port, running
 from chatscale.gateway.config import hash_key
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE = ROOT.parent / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
+TRACE = "mooncake_conversation.jsonl"  # shipped with chatscale (chatscale.traces)
 KEY = "sk-bench"
 POLICIES = ("cache-affinity", "round-robin", "least-outstanding")
 CLI = [sys.executable, "-m", "chatscale.cli"]

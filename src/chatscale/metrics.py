@@ -3,7 +3,7 @@
 Names follow vLLM's with a `chatscale:` prefix (`vllm:num_requests_running` ->
 `chatscale:num_requests_running`), so dashboards and the gateway's scrapers port unchanged.
 Load is KV-cache usage plus batch size, efficiency is arithmetic intensity against the ridge point
-(ARCHITECTURE lesson 3), so those come first.
+(docs/architecture.md, lesson 3), so those come first.
 
 Three feeds: the engine's state and running totals are read at scrape time (`observe_engine`);
 every engine step is observed on the engine's thread (`observe_step`, a step listener); every
