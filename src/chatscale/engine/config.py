@@ -24,7 +24,8 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
-    kv_cache_bytes: int | None = None  # None: kv_cache_fraction of the memory still free
+    # None: what max_num_seqs sequences of the full context can use, at most kv_cache_fraction of free memory
+    kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.25
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -53,6 +54,10 @@ class EngineConfig:
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be at least 1")
 
+    def context_len(self, max_position_embeddings: int) -> int:
+        """Tokens a sequence may reach: --max-model-len, at most what the model was trained for."""
+        return min(self.max_model_len or max_position_embeddings, max_position_embeddings)
+
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> None:
         d = EngineConfig.__dataclass_fields__
@@ -61,8 +66,10 @@ class EngineConfig:
         p.add_argument("--device", default=d["device"].default, help="cpu, cuda, cuda:1, ...")
         p.add_argument("--block-size", type=int, default=d["block_size"].default, help="tokens per KV page")
         p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None,
-                       help="KV-cache pool size, e.g. 2GiB (default: a fraction of free memory)")
-        p.add_argument("--kv-cache-fraction", type=float, default=d["kv_cache_fraction"].default)
+                       help="KV-cache pool size, e.g. 2GiB (default: what --max-num-seqs sequences of the "
+                            "full context can use, at most --kv-cache-fraction of free memory)")
+        p.add_argument("--kv-cache-fraction", type=float, default=d["kv_cache_fraction"].default,
+                       help="the most of the free memory the default KV pool takes")
         p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
         p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
         p.add_argument("--max-model-len", type=int, default=None)

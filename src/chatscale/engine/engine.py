@@ -86,7 +86,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.generation_defaults = GenerationDefaults.from_dir(self.model_path)
         cfg = self.model.cfg
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = config.context_len(cfg.max_position_embeddings)
         eos = set(self.generation_defaults.eos_token_ids or cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -1,24 +1,29 @@
 """`chatscale serve`: the API under uvicorn, with a graceful drain on SIGTERM.
 
 The port opens at once and the model loads behind it (/health: 503 "loading", then 200), so an
-orchestrator can tell a slow start from a dead one. On SIGTERM or Ctrl-C uvicorn stops accepting
-connections, in-flight requests get `--drain-timeout` seconds to finish (the rest are cancelled,
-which aborts them in the engine), and the process exits 0.
+orchestrator can tell a slow start from a dead one; one log line, "ready at http://HOST:PORT", says
+when requests are served. On SIGTERM or Ctrl-C uvicorn stops accepting connections, in-flight
+requests get `--drain-timeout` seconds to finish (the rest are cancelled, which aborts them in the
+engine), and the process exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 from types import FrameType
 
 import uvicorn
+from uvicorn.logging import DefaultFormatter
 
 from chatscale.engine.async_engine import AsyncEngine
 from chatscale.engine.config import EngineConfig
 from chatscale.server.api import create_app
 from chatscale.server.settings import ServerSettings
 from chatscale.server.state import ServerState
+
+log = logging.getLogger("chatscale")
 
 
 class _Server(uvicorn.Server):
@@ -32,6 +37,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(args: argparse.Namespace) -> int:
+    _log_to_stderr()
     config = EngineConfig.from_args(args)
     settings = ServerSettings.from_args(args, config.model)
     failed = False
@@ -46,7 +52,10 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True  # no model, nothing to serve: exit instead of a 503 forever
             raise
 
-    app = create_app(load, settings)
+    def ready() -> None:
+        log.info("ready at http://%s:%d (model %r)", settings.host, settings.port, settings.served_model_name)
+
+    app = create_app(load, settings, on_ready=ready)
     server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                     timeout_graceful_shutdown=settings.drain_timeout), app.state.server)
     # uvicorn re-raises the signal that stopped it once it is done; a no-op handler makes a
@@ -55,6 +64,15 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, _ignore)
     server.run()
     return 1 if failed else 0
+
+
+def _log_to_stderr() -> None:
+    """chatscale's INFO lines (the KV pool's size, the ready line) in uvicorn's format, beside its own."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _ignore(sig: int, frame: FrameType | None) -> None:
