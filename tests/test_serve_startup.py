@@ -3,6 +3,7 @@ sized to what the model can use (said at start-up), and one line saying when req
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -83,3 +84,10 @@ def test_make_serve_installs_runtime_dependencies_only():
 
     assert "pip install -q -e ." in recipe("serve") and "[test]" not in recipe("serve")
     assert "[test]" in recipe("test") and "[test]" in recipe("test-slow")
+
+
+def test_make_test_slow_has_tests_to_run():
+    """`make test-slow` runs `pytest -m slow`: some test must carry the mark (none did)."""
+    marked = [p.name for p in (ROOT / "tests").glob("test_*.py")
+              if re.search(r"^@pytest\.mark\.slow\b", p.read_text(), re.M)]
+    assert marked

@@ -121,6 +121,7 @@ def _exact_marginals(path, prompt_ids: list[int], temperature: float, top_k: int
     return [p1, marg2, marg3]
 
 
+@pytest.mark.slow  # ~1 minute for both proposers: thousands of sampled tokens (make test-slow)
 @pytest.mark.parametrize("proposer", ["draft", "ngram"])
 def test_sampled_output_follows_the_target_distribution(pair, proposer):
     """Thousands of seeded samples through the engine (tokens 2 and 3 come out of verification):

@@ -107,7 +107,10 @@ class LinearStepCost:
 
     @classmethod
     def load(cls, path: str | Path) -> LinearStepCost:
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a step-cost profile (invalid JSON: {exc})") from exc
         return cls(d["coefficients"], d.get("source", {}), d.get("group", DECODE_GROUP), d.get("residuals", []))
 
 
