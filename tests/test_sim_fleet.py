@@ -185,3 +185,10 @@ def test_progress_bar_ends_at_its_total(capsys):
     RequestLevelFleet(topo, CURVES, gateway(w, topo)).run(w, show_progress=True)
     counts = [int(k) for k in re.findall(rf"(\d+)/{n}\b", capsys.readouterr().err)]
     assert counts[-1] == n and max(counts) == n, counts
+
+
+def test_simulate_takes_the_planners_efficiency_flags(capsys):
+    args = ("fleet", "--workload", "day:100:60:23", "--cost", "roofline:llama-3-8b:h100", "--replicas", "5", "--json")
+    served = json.loads(run_cli(capsys, *args))["summary"]["tpot"]["p50"]
+    bound = json.loads(run_cli(capsys, *args, "--efficiency", "1", "--step-overhead", "0"))["summary"]["tpot"]["p50"]
+    assert bound < 0.7 * served  # 60% of peak + 2 ms a step, against the roofline itself

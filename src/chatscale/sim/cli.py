@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from chatscale.planner.roofline import Efficiency
+
 WORKLOAD_HELP = ("poisson:RATE:SECONDS (independent requests), day:RATE:SECONDS[:START_HOUR_UTC] (conversations "
                  "in five regions over a day, Japan's morning spike), azure-conv, azure-code, mooncake (the "
                  "shipped production traces), log:PATH (a chatscale gateway request log)")
@@ -66,6 +68,7 @@ def _common(c: argparse.ArgumentParser) -> None:
     c.add_argument("--length", type=float, default=1.0, help="scale prompt and answer lengths")
     c.add_argument("--max-requests", type=int, default=None)
     c.add_argument("--cost", required=True, help="profile JSON or roofline:MODEL:HARDWARE[:TP]")
+    Efficiency.add_cli_args(c.add_argument_group("roofline costs (as `chatscale plan` takes them)"))
     c.add_argument("--num-blocks", type=int, default=None, help="KV pages per replica (default: what fits)")
     c.add_argument("--block-size", type=int, default=16)
     c.add_argument("--max-num-seqs", type=int, default=256)
@@ -115,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     w = load_workload(args.workload, args.seed).scaled(rate=args.rate, length=args.length)
     if args.max_requests:
         w = w.first(args.max_requests)
-    cost = load_cost_model(args.cost)
+    cost = load_cost_model(args.cost, Efficiency.from_args(args))
     blocks = args.num_blocks or (cost.kv_blocks(args.block_size) if isinstance(cost, RooflineStepCost)
                                  else cost.source.get("num_blocks", 4096))
     config = TwinConfig(num_blocks=blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
