@@ -2,17 +2,16 @@
 simulated time for both fleets.
 
 Routing is the gateway's: the policy is offered replicas of every region and chooses as it does
-behind `chatscale gateway` (cache affinity keeps the regions with the most headroom, then scores
-prefix x KV x queue; a replica that is ready beats one that is near). With admission control, one
-gateway per user region forwards below saturation (some replica has room), queues above it
-(priority bands, fair share by key) and rejects with Retry-After when its queue is full or a
-ticket waited too long. Replica state is exact (the simulator has no scrape lag), kept in the
-gateway's ReplicaState objects.
+behind `chatscale gateway` (cache affinity keeps the regions whose readiest replica has about the
+most headroom, then scores prefix x KV x queue; a replica that is ready beats one that is near).
+With admission control, one gateway per user region forwards below saturation (some replica has
+room), queues above it (priority bands, fair share by key) and rejects with Retry-After when its
+queue is full or a ticket waited too long. Replica state is exact (the simulator has no scrape
+lag), kept in the gateway's ReplicaState objects.
 
-At fleet scale a policy is offered `candidates` replicas per request: a random sample of the whole
-fleet (the power of d choices; each region in proportion to its size, so a region's summed headroom
-is estimated without bias) plus the replicas the policy's prefix index says hold the request's
-prefix; 0 offers every replica.
+At fleet scale a policy is offered `candidates` replicas per request: a uniform sample of the whole
+fleet (the power of d choices: each region in proportion to its size) plus the replicas the policy's
+prefix index says hold the request's prefix; 0 offers every replica.
 """
 
 from __future__ import annotations
@@ -92,14 +91,15 @@ class SimGateway:
         return r
 
     def _offer(self, chain: list[int]) -> list[ReplicaState]:
-        """What the gateway offers its policy: every replica, or a sample of them plus the prefix holders."""
+        """What the policy is offered: every replica, or a sample of them plus the prefix holders."""
         pool, k = self.states, self.candidates
         if not k or len(pool) <= k:
             return pool
         n = len(pool)
         offered = {id(s): s for s in (pool[int(self._draw() * n)] for _ in range(k))}
         if chain and isinstance(self.policy, CacheAffinity):
-            offered.update((id(s), s) for s in (self.states[self.index[h]] for h in self.policy.index.matched(chain)))
+            holders = (self.states[self.index[h]] for h in self.policy.index.matched(chain))
+            offered.update((id(s), s) for s in holders)
         return list(offered.values())
 
     # ---- admission ----------------------------------------------------------------------------
