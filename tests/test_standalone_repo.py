@@ -84,7 +84,7 @@ def test_a_clone_in_an_empty_folder_simulates_tests_and_packages_its_traces(tmp_
     assert Path(where.strip()).is_relative_to(clone), where  # the clone's code, not this checkout's
     # A command on a shipped trace, the simulator's trace tests and this file's scans, from the clone.
     _run([*python, "chatscale.cli", "simulate", "size", "--workload", "azure-conv", "--max-requests", "2000",
-          "--cost", "roofline:llama-3-8b:h100", "--json", str(tmp_path / "size.json")], clone, env)
+          "--cost", "roofline:llama-3-8b:h100", "--output-json", str(tmp_path / "size.json")], clone, env)
     assert (tmp_path / "size.json").is_file()
     _run([*python, "pytest", "-q", "-p", "no:cacheprovider", "tests/test_sim_twin.py",
           "tests/test_standalone_repo.py::test_no_path_reaches_outside_the_repository",
