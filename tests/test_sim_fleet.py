@@ -6,6 +6,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from chatscale.sim import workloads as W
 from chatscale.sim.cost import RooflineStepCost
@@ -175,6 +176,12 @@ def test_cli_prints_a_readable_summary_with_json_behind_a_flag(capsys):
     size = run_cli(capsys, "size", "--workload", "azure-conv", "--max-requests", "2000", "--cost",
                    "roofline:llama-3-8b:h100")
     assert "smallest fleet" in size and "replicas serve 99%" in size
+    from chatscale.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "fleet", "--help"])
+    help_text = capsys.readouterr().out
+    assert "poisson:RATE:SECONDS" in help_text and "azure-conv" in help_text  # --workload's help was empty
 
 
 def test_progress_bar_ends_at_its_total(capsys):
