@@ -1,27 +1,33 @@
-# The two commands of the README. Both create .venv on a fresh machine.
+# The two commands of the README. Both create .venv on a fresh machine; `serve` installs only what
+# the server needs, `test` adds the test tools (transformers, playwright, schemathesis, ...).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
-STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP    := $(VENV)/.test-installed
 
-.PHONY: serve test test-slow bench clean
+.PHONY: serve test test-slow clean
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the local CPU wheel, not gigabytes of CUDA packages.
 	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-serve: $(STAMP)
+serve: $(RUNTIME_STAMP)
 	$(BIN)/chatscale serve --host 127.0.0.1 --port 8000
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(BIN)/pytest -q -m slow
 
 clean:

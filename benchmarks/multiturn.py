@@ -39,6 +39,7 @@ from common import random_llama_checkpoint, save_json
 from chatscale.engine.config import EngineConfig
 from chatscale.engine.engine import LLMEngine
 from chatscale.engine.sampling_params import SamplingParams
+from chatscale.traces import TRACES_DIR
 
 # The demo target's layout (GQA, tied embeddings), halved in width and depth so that the cache-off
 # run of the chat workload takes about a minute on two shared CPU cores; 8192 positions hold the
@@ -49,7 +50,7 @@ SHAPE = dict(
     tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
 )
 PAGE = 16
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
+TRACE = TRACES_DIR / "mooncake_conversation.jsonl"
 STATS = ("queries", "hits", "evictions", "recomputed", "tier_stores", "tier_restores")  # kv.stats counters
 
 

@@ -10,8 +10,13 @@ One run, every timing under `flock /tmp/chatscale-bench.lock`:
        chat:     multi-turn conversations (Poisson session starts, think time between turns; turn
                  N+1 resends the whole conversation), long turns and short answers, so prefill —
                  what a prefix-cache hit saves — dominates the work;
-       mooncake: the first N requests of mooncake_conversation.jsonl with lengths x `--length-scale`
-                 (its 512-token hash blocks become shared prompt text), arrivals rescaled to a rate.
+       mooncake: whole conversations of mooncake_conversation.jsonl (a seeded `--mooncake-share` of its
+                 prefix families, over the trace's whole hour), lengths x `--length-scale` (its 512-token
+                 hash blocks become shared prompt text of 512 x scale tokens), arrivals rescaled to a
+                 rate. The first N requests would not do: they span half a minute, before any
+                 conversation's next turn, and share only the system block every request starts with
+                 (4% of their tokens). The trace's ideal hit rate at this scale (an unbounded prefix
+                 cache, whole 16-token pages) is printed beside the measured ones.
      Reported: TTFT p50/p99, throughput, rejections (from the client and the gateway), the prefix
      hit rate (replicas' prefix_cache_hits / prefix_cache_queries) and the load spread: the busiest
      replica's prefill tokens computed (prompt tokens minus hits) and requests, over the mean.
@@ -20,6 +25,7 @@ One run, every timing under `flock /tmp/chatscale-bench.lock`:
      at once (a canned completion), so that the model is not what is measured.
 
     flock /tmp/chatscale-bench.lock .venv/bin/python benchmarks/routing.py [--replicas 4] [--json out.json]
+        [--workloads chat mooncake] [--skip-gateway-cost]
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -39,10 +46,14 @@ import httpx
 from common import save_json
 
 from chatscale.bench.launch import free_port, running
+from chatscale.bench.workloads import MOONCAKE_BLOCK_TOKENS, TraceRecord, load_trace, scale_lengths
 from chatscale.gateway.config import hash_key
+from chatscale.traces import trace_path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE = ROOT.parent / "shared" / "data" / "traces" / "mooncake_conversation.jsonl"
+TRACE = trace_path("mooncake_conversation.jsonl")  # shipped with chatscale (chatscale.traces)
+PAGE = 16  # the replicas' KV page: prefix-cache hits come in whole pages
+MAX_INPUT, MAX_OUTPUT = 1800, 32  # scaled prompts and answers, clipped to the demo model's 2,048 positions
 KEY = "sk-bench"
 POLICIES = ("cache-affinity", "round-robin", "least-outstanding")
 CLI = [sys.executable, "-m", "chatscale.cli"]
@@ -106,24 +117,52 @@ def gateway(urls: list[str], policy: str, logs: Path):
         yield url
 
 
+def mooncake_families(share: float, out: Path, seed: int = 0) -> Path:
+    """A `share` of the trace's prefix families (requests with the same first two blocks: one
+    conversation's turns), drawn with `seed`, every request of each, written as a trace file."""
+    lines = [line for line in TRACE.read_text().splitlines() if line.strip()]
+    family = [tuple(json.loads(line)["hash_ids"][:2]) for line in lines]
+    keys = sorted(set(family))
+    random.Random(seed).shuffle(keys)
+    chosen = set(keys[:max(1, round(share * len(keys)))])
+    out.write_text("\n".join(line for line, f in zip(lines, family) if f in chosen) + "\n")
+    return out
+
+
+def ideal_hit_rate(records: list[TraceRecord], scale: float) -> float:
+    """Prompt tokens an unbounded prefix cache serves, once lengths are scaled and clipped as the
+    replay does: each request's leading blocks seen before, in whole pages, over all prompt tokens."""
+    block = MOONCAKE_BLOCK_TOKENS * scale
+    scaled = scale_lengths(records, scale, MAX_INPUT, MAX_OUTPUT)
+    seen: set[int] = set()
+    hit = total = 0
+    for r, s in zip(records, scaled):
+        shared = next((i for i, h in enumerate(r.hash_ids) if h not in seen), len(r.hash_ids))
+        seen.update(r.hash_ids)
+        hit += int(min(shared * block, s.input_tokens - 1)) // PAGE * PAGE
+        total += s.input_tokens
+    return hit / total
+
+
 def bench(url: str, out: Path, *flags: str) -> dict:
     subprocess.run([*CLI, "bench", "serve", "--base-url", url, "--api-key", KEY, "--output-json", str(out),
                     "--no-progress", *flags], check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["report"]
 
 
-def measure(args, policy: str, logs: Path) -> dict:
+def measure(args, policy: str, logs: Path, trace: Path) -> dict:
     results = {}
     with fleet(args.replicas, logs) as urls, gateway(urls, policy, logs) as gw:
         workloads = {
             "chat": ["--dataset", "conversation", "--num-requests", str(args.chat_requests), "--turns", "4",
                      "--input-len", str(args.chat_input), "--output-len", "16", "--think-time", "1",
                      "--arrival", "poisson", "--request-rate", str(args.chat_rate), "--warmup", "0"],
-            "mooncake": ["--dataset", "trace", "--arrival", "trace", "--trace", str(TRACE),
-                         "--num-requests", str(args.mooncake_requests), "--length-scale", str(args.length_scale),
-                         "--max-input-len", "1800", "--max-output-len", "32", "--request-rate",
+            "mooncake": ["--dataset", "trace", "--arrival", "trace", "--trace", str(trace),
+                         "--num-requests", str(len(load_trace(trace))), "--length-scale", str(args.length_scale),
+                         "--max-input-len", str(MAX_INPUT), "--max-output-len", str(MAX_OUTPUT), "--request-rate",
                          str(args.mooncake_rate), "--warmup", "0"],
         }
+        workloads = {name: flags for name, flags in workloads.items() if name in args.workloads}
         names = ("chatscale:prefix_cache_queries_total", "chatscale:prefix_cache_hits_total")
         for name, flags in workloads.items():
             before = [metric_sums(u, names) for u in urls]
@@ -230,8 +269,10 @@ def gateway_cost(args, logs: Path) -> dict:
 
 def table(results: dict) -> str:
     lines = []
-    for name in ("chat", "mooncake"):
-        lines += [f"\n{name}", "| policy | TTFT p50 ms | TTFT p99 ms | req/s | tok/s | failed | rejected | "
+    for name in results["args"]["workloads"]:
+        ideal = f" (the trace's ideal hit rate at this scale: {results['mooncake_ideal_hit_rate']:.2f})" \
+            if name == "mooncake" else ""
+        lines += [f"\n{name}{ideal}", "| policy | TTFT p50 ms | TTFT p99 ms | req/s | tok/s | failed | rejected | "
                   "hit rate | max/mean prefill | max/mean requests |", "|---|---|---|---|---|---|---|---|---|---|"]
         for policy in [p for p in POLICIES if p in results]:
             r = results[policy][name]
@@ -251,24 +292,34 @@ def main() -> None:
     p.add_argument("--chat-requests", type=int, default=64, help="requests in all (conversations of 4 turns)")
     p.add_argument("--chat-input", type=int, default=300, help="new tokens per turn")
     p.add_argument("--chat-rate", type=float, default=0.5, help="conversations started per second")
-    p.add_argument("--mooncake-requests", type=int, default=80)
+    p.add_argument("--mooncake-share", type=float, default=0.03,
+                   help="share of the trace's prefix families (conversations) replayed, whole")
     p.add_argument("--length-scale", type=float, default=1 / 16)
-    p.add_argument("--mooncake-rate", type=float, default=1.0)
+    p.add_argument("--mooncake-rate", type=float, default=1.5, help="mean requests/s of the replay")
+    p.add_argument("--workloads", nargs="+", default=["chat", "mooncake"], choices=["chat", "mooncake"])
     p.add_argument("--overhead-requests", type=int, default=200)
     p.add_argument("--users", type=int, default=32, help="closed-loop clients for the max req/s")
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--seconds", type=float, default=10.0, help="length of each max req/s run")
     p.add_argument("--skip-policies", action="store_true", help="only the gateway's own cost")
+    p.add_argument("--skip-gateway-cost", action="store_true", help="only the policies")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="chatscale-routing-") as tmp:
         logs = Path(tmp)
         results: dict = {"args": vars(args)}
+        trace = mooncake_families(args.mooncake_share, logs / "mooncake-families.jsonl")
+        records = load_trace(trace)
+        results["mooncake_requests"] = len(records)
+        results["mooncake_ideal_hit_rate"] = ideal_hit_rate(records, args.length_scale)
+        print(f"mooncake: {len(records)} requests over {records[-1].timestamp:.0f} s of trace, ideal hit rate "
+              f"{results['mooncake_ideal_hit_rate']:.3f} at length scale {args.length_scale:g}", flush=True)
         if not args.skip_policies:
             for policy in args.policies:
-                results[policy] = measure(args, policy, logs)
+                results[policy] = measure(args, policy, logs, trace)
             print(table(results))
-        results["gateway_cost"] = gateway_cost(args, logs)
+        if not args.skip_gateway_cost:
+            results["gateway_cost"] = gateway_cost(args, logs)
     save_json(args.json, results)
 
 

@@ -7,7 +7,7 @@ tokens-per-word) and identical lengths (`ignore_eos`, so every answer has exactl
 tokens). Repeats alternate the order of the servers; the table shows medians and our/their ratios.
 The machine's roofline is measured in the same run, so the figures can be read against it.
 
-Builds nothing: llama-server comes from PEERS.md's build (outside the repository). The GGUF is
+Builds nothing: llama-server comes from a llama.cpp build outside the repository (`--llama-dir`). The GGUF is
 converted once from the same HF checkpoint with the vendored convert_hf_to_gguf.py, whose refusal of
 unknown BPE pre-tokenizers is patched in memory to "gpt-2" (our tokenizers are GPT-2 byte-level BPE);
 the converter needs `pip install sentencepiece protobuf` in the environment that runs this script.
@@ -221,7 +221,7 @@ def main() -> int:
     args.model = Path(args.model).resolve()
     args.llama_server = args.llama_dir / "build" / "bin" / "llama-server"
     if not args.llama_server.is_file():
-        raise SystemExit(f"{args.llama_server} missing: build llama.cpp as docs/benchmarks.md says")
+        raise SystemExit(f"{args.llama_server} missing: build llama.cpp there (cmake -B build && cmake --build build)")
     weights = weights_digest(args.model)
     args.gguf = args.gguf or args.llama_dir / "models" / f"{args.model.name}-{weights}-{args.outtype}.gguf"
     to_gguf(args.model, args.llama_dir, args.gguf, args.outtype)

@@ -161,7 +161,7 @@ def japan_spike(replicas: int, rate: float, size: bool = True) -> dict:
     w = W.conversations(rate, 1.5 * 3600, start_hour_utc=22.75, spike={"ap-japan": 1.5}, seed=7)
     topo = proportional(w.window(0, 1200), replicas)
     japan = w.region == w.regions.index("ap-japan")
-    deep = AdmissionSettings.for_replicas(CONFIG.max_num_seqs)  # the gateway's defaults: 256 queued, 30 s
+    deep = AdmissionSettings.for_replicas(CONFIG.max_num_seqs)  # AdmissionSettings defaults: 256 queued, 30 s
     short = AdmissionSettings.for_replicas(CONFIG.max_num_seqs, max_queue=32, max_wait=1.0)  # sized to the SLO
     runs = {"no admission control": request_level(w, topo),
             "admission, queue 256 / 30 s": request_level(w, topo, admission=deep),

@@ -16,6 +16,7 @@ from server_utils import running
 
 from chatscale.bench import workloads as w
 from chatscale.bench.stats import RequestRecord, summarize
+from chatscale.traces import TRACE_FILES
 from chatscale.cli import main
 
 TTFT_S, ITL_S, TOKENS_PER_WORD = 0.08, 0.01, 2
@@ -72,6 +73,12 @@ def test_mooncake_trace_keeps_prefix_blocks(tmp_path):
     bad.write_text("1\n")
     with pytest.raises(ValueError, match="unknown trace format"):
         w.load_trace(bad)
+
+
+def test_shipped_traces_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no trace here: the name is the package's file
+    assert [len(w.load_trace(name)) for name in TRACE_FILES] == [8819, 19366, 12031]
+    assert w.load_trace("mooncake_conversation.jsonl", limit=1)[0].hash_ids[:3] == (0, 1, 2)
 
 
 def test_trace_scaling_keeps_ratios_clips_lengths_and_compresses_time(azure_csv):

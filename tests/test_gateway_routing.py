@@ -157,3 +157,11 @@ def test_the_example_fleet_yaml_loads(monkeypatch):
     cfg = load(Path(__file__).parents[1] / "deploy" / "fleet.yaml")
     assert {r.region for r in cfg.replicas} == {"us-east", "eu-west"} and cfg.dns and len(cfg.keys) == 4
     assert [r.api_key for r in cfg.replicas if r.name == "use-1"] == ["sk-replica"]
+
+
+def test_an_idle_replica_in_a_small_region_is_not_passed_over():
+    """A region's headroom is its readiest replica's: one idle replica in a one-replica region beats
+    three half-busy ones elsewhere (summed, their region's 1.5 kept the idle one's 1.0 out)."""
+    busy = [ReplicaState(f"b{i}", "big", kv_usage=0.5) for i in range(3)]
+    idle = ReplicaState("idle", "small")
+    assert make_policy("cache-affinity").choose(RouteRequest(), [*busy, idle], 0.0).replica is idle

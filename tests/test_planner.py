@@ -19,6 +19,8 @@ from chatscale.planner.catalog import from_hf_config, get_model
 from chatscale.planner.hardware import CATALOG as HW
 from chatscale.planner.hardware import measure_this_machine
 from chatscale.planner.roofline import (
+    ROOFLINE,
+    Efficiency,
     Layout,
     decode_flops,
     expected_distinct_experts,
@@ -83,7 +85,7 @@ def test_dense_1t_cannot_serve_a_fast_reader_on_8_h100(dtype):
     # weights do not even fit in 8 x 80 GB).
     p = plan(MODELS["dense-1t"], H100, Layout(tp=8, weight_dtype=dtype), batch=1, context=2048)
     assert p.bound == "memory"
-    assert p.tokens_per_s_per_user < reading_speed_tokens_per_s(1000)
+    assert p.roofline.tokens_per_s_per_user < reading_speed_tokens_per_s(1000)  # not even at the bound
     assert not p.fits and p.max_batch == 0
 
 
@@ -228,10 +230,12 @@ def test_cost_per_1k_tokens_follows_price_and_utilisation():
     full = plan(model, H100, layout, 64, 2048)
     half = plan(model, H100, layout, 64, 2048, utilisation=0.5)
     dearer = plan(model, H100.with_price(4.0), layout, 64, 2048)
-    expected = H100.price_per_hour / 3600 / full.tokens_per_s * 1000
-    assert full.cost_per_1k_tokens == pytest.approx(expected)
-    assert half.cost_per_1k_tokens == pytest.approx(2 * expected)
-    assert dearer.cost_per_1k_tokens == pytest.approx(2 * expected)
+    for speed in ("roofline", "expected"):
+        at = {name: getattr(p, speed) for name, p in (("full", full), ("half", half), ("dearer", dearer))}
+        expected = H100.price_per_hour / 3600 / at["full"].tokens_per_s * 1000
+        assert at["full"].cost_per_1k_tokens == pytest.approx(expected)
+        assert at["half"].cost_per_1k_tokens == pytest.approx(2 * expected)
+        assert at["dearer"].cost_per_1k_tokens == pytest.approx(2 * expected)
 
 
 def test_speculative_decoding_expected_tokens():
@@ -334,6 +338,54 @@ def test_this_machine_is_measured():
     # Its roofline plans like any catalog chip; it has no link to spread a model over.
     small = from_hf_config({"n_embd": 576, "n_layer": 30, "n_head": 9, "vocab_size": 49152})
     p = plan(small, hw, Layout(), batch=1, context=256)
-    assert p.bound == "memory" and p.cost_per_1k_tokens is None
+    assert p.bound == "memory" and p.expected.cost_per_1k_tokens is None
     with pytest.raises(ValueError, match="no link"):
         step_time(small, hw, Layout(tp=2), decode_contexts=[256])
+
+
+def test_plan_and_the_simulators_roofline_cost_share_one_efficiency_model():
+    """`chatscale plan` and `chatscale simulate` on the same setup give the same step time (the
+    planner assumed 100% of peak, the simulator 60% + 2 ms: ~2x apart)."""
+    from chatscale.sim.cost import RooflineStepCost
+
+    model, layout = MODELS["llama-3-8b"], Layout()
+    for efficiency in (Efficiency(), Efficiency(0.5, 0.001), ROOFLINE):
+        p = plan(model, H100, layout, batch=64, context=2048, efficiency=efficiency)
+        sim = RooflineStepCost(model, H100, layout, efficiency).step_seconds([(2047, 1)] * 64)
+        assert p.expected.step_s == pytest.approx(sim)
+        assert p.expected.step_s == pytest.approx(efficiency.step_overhead_s + p.roofline.step_s / efficiency.fraction)
+    assert plan(model, H100, layout, 64, 2048).expected == plan(model, H100, layout, 64, 2048,
+                                                               efficiency=Efficiency(0.6, 0.002)).expected
+
+
+def test_plan_reports_mfu_and_mbu_of_its_steps():
+    model, layout = MODELS["llama-3-70b"], Layout(tp=4)
+    p = plan(model, H100, layout, batch=16, context=4096)
+    step = step_cost(model, H100, layout, decode_contexts=[4096] * 16)
+    for t in (p.roofline, p.expected):
+        assert t.mfu == pytest.approx(step.flops / (t.step_s * H100.flops("bf16") * 4))
+        assert t.mbu == pytest.approx(step.bytes / (t.step_s * H100.memory_bandwidth * 4))
+    # memory bound: at the bound the bandwidth is nearly saturated (communication takes the rest)
+    assert p.bound == "memory" and 0.8 < p.roofline.mbu <= 1 and p.expected.mbu < 0.6 * p.roofline.mbu + 1e-9
+
+
+def test_context_zero_plans_the_weights_alone():
+    p = plan(MODELS["dense-1t"], H100, Layout(tp=8, weight_dtype="int8"), batch=256, context=0)
+    assert p.kv_bytes_per_gpu == 0 and p.intensity == pytest.approx(512, rel=0.01)  # the seed's 2 x batch
+    assert p.max_batch == 0  # 1 TB of INT8 weights do not fit in 8 x 80 GB
+    assert plan(MODELS["llama-3-8b"], H100, Layout(), batch=8, context=0).max_batch is None  # no KV: no limit
+    with pytest.raises(ValueError, match="context >= 0"):
+        plan(MODELS["llama-3-8b"], H100, Layout(), batch=8, context=-1)
+
+
+@pytest.mark.parametrize("dtype, bound, expected", [("fp8", 25.87, 15.05), ("bf16", 13.11, 7.74)])
+def test_planning_md_dense_1t_per_user_figures(dtype, bound, expected):
+    p = plan(MODELS["dense-1t"], H100, Layout(tp=8, weight_dtype=dtype), batch=1, context=2048)
+    assert round(p.roofline.tokens_per_s_per_user, 2) == bound
+    assert round(p.expected.tokens_per_s_per_user, 2) == expected
+
+
+def test_planning_md_cost_figures():
+    p = plan(MODELS["llama-3-70b"], H100, Layout(tp=8), batch=64, context=8192)
+    assert round(p.roofline.tokens_per_s_per_gpu) == 649 and round(p.roofline.cost_per_1k_tokens, 5) == 0.00086
+    assert round(p.expected.tokens_per_s_per_gpu) == 355 and round(p.expected.cost_per_1k_tokens, 5) == 0.00157

@@ -25,8 +25,8 @@ def test_plan_json_agrees_with_the_layout_flags(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["layout"] == {"tp": 2, "pp": 1, "weight_dtype": "fp8", "kv_dtype": "bf16"}
     assert plan["fits"] and plan["batch"] == 32
-    per_gpu_hour = 4 * 2 / 3600 / plan["tokens_per_s"] * 1000
-    assert plan["cost_per_1k_tokens"] == pytest.approx(per_gpu_hour)
+    per_gpu_hour = 4 * 2 / 3600 / plan["expected"]["tokens_per_s"] * 1000
+    assert plan["expected"]["cost_per_1k_tokens"] == pytest.approx(per_gpu_hour)
 
 
 def test_plan_sweep_plots_batch(tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_plan_sweep_plots_batch(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     batches = [r["batch"] for r in rows]
     assert batches[:3] == [1, 2, 4] and batches[-1] == rows[0]["max_batch"]
-    throughput = [r["tokens_per_s_per_gpu"] for r in rows]
+    throughput = [r["expected"]["tokens_per_s_per_gpu"] for r in rows]
     assert throughput == sorted(throughput)
     assert out.read_bytes().startswith(b"\x89PNG")
 
@@ -61,3 +61,20 @@ def test_plan_reads_a_hf_config(tmp_path, capsys):
 def test_plan_bad_input_is_a_clear_error(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     assert message in capsys.readouterr().out
+
+
+def test_plan_prints_both_speeds_with_mfu_and_takes_the_efficiency_flags(capsys):
+    args = ["plan", "--model", "llama-3-8b", "--hardware", "h100", "--batch", "64", "--context", "2048"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "expected at 60% of peak + 2 ms/step" in table and "MFU / MBU" in table
+    assert main([*args, "--efficiency", "0.5", "--step-overhead", "0.001", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["efficiency"] == {"fraction": 0.5, "step_overhead_s": 0.001}
+    assert p["expected"]["step_s"] == pytest.approx(0.001 + p["roofline"]["step_s"] / 0.5)
+    assert 0 < p["expected"]["mfu"] < p["roofline"]["mfu"] and 0 < p["expected"]["mbu"] < p["roofline"]["mbu"] <= 1
+
+
+def test_plan_accepts_context_zero(capsys):
+    assert main(["plan", "--model", "llama-3-8b", "--hardware", "h100", "--batch", "8", "--context", "0"]) == 0
+    assert "no limit (no KV cache)" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from chatscale.engine.llm import LLM
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.scheduler import Scheduler
 from chatscale.engine.sequence import Sequence
+from chatscale.engine.tier_costs import TierCosts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -131,8 +132,9 @@ def test_recomputed_tokens_are_counted():
 
 def test_evicted_pages_come_back_from_the_second_tier(checkpoint):
     path = str(checkpoint("llama"))
-    tiered = LLM(path, num_blocks=16, block_size=4, kv_host_bytes=1 << 20)
-    assert tiered.engine.tier_report.pays and tiered.engine.kv.tier is not None
+    tiered = LLM(path, num_blocks=16, block_size=4, kv_host_bytes=1 << 20,
+                 kv_tier_costs=TierCosts(restore_s_per_page=1e-6, recompute_s_per_page=1e-3))
+    assert tiered.engine.kv.tier is not None
     plain = LLM(path, num_blocks=16, block_size=4, enable_prefix_caching=False)
     conv_a, conv_b = list(range(5, 45)), list(range(100, 140))
     run(tiered, conv_a)
@@ -144,6 +146,18 @@ def test_evicted_pages_come_back_from_the_second_tier(checkpoint):
     assert cost == 40 - 36 + 24 - 1  # only the tail of the prompt is computed
     assert again.outputs[0].token_ids == run(plain, conv_a)[0].outputs[0].token_ids
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_the_tier_is_kept_only_where_its_costs_say_it_pays(checkpoint):
+    """Given costs decide (reproducibly); measured ones are real timings and decide the same way."""
+    path = str(checkpoint("llama"))
+    costly = LLM(path, num_blocks=16, block_size=4, kv_host_bytes=1 << 20,
+                 kv_tier_costs=TierCosts(restore_s_per_page=1e-3, recompute_s_per_page=1e-6))
+    assert costly.engine.kv.tier is None and costly.engine.runner.host_pages is None
+    measured = LLM(path, num_blocks=16, block_size=4, kv_host_bytes=1 << 20)
+    report = measured.engine.tier_report
+    assert report.restore_s_per_page > 0 and report.recompute_s_per_page > 0
+    assert (measured.engine.kv.tier is not None) == report.pays
 
 
 def test_host_tier_is_lru_and_verifies_entries():

@@ -68,7 +68,7 @@ def _refused(url: str) -> bool:
     try:
         httpx.get(f"{url}/health", timeout=1)
         return False
-    except httpx.ConnectError:
+    except httpx.TransportError:  # refused, or cut mid-reply by a server going down (RemoteProtocolError)
         return True
 
 

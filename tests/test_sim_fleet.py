@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pytest
 
 from chatscale.sim import workloads as W
 from chatscale.sim.cost import RooflineStepCost
@@ -84,12 +86,18 @@ def test_failed_replica_requests_are_retried_elsewhere():
     assert np.any(res.log.replica[w.arrival > 95] == 0)
 
 
-def test_users_far_away_pay_the_round_trip_and_spill_over():
+def test_users_pay_the_round_trip_to_the_region_that_serves_them():
+    """The gateway routes by readiness, not nearness (docs/gateway.md): in a calm two-region fleet
+    both regions have headroom, so each region's users are served in both; the far ones pay 150 ms."""
     w = chat(100, seconds=60, regions={"us-east": (-5, 1.0), "ap-japan": (9, 1.0)})
-    local = request_level(w, Topology({"us-east": 2, "ap-japan": 2})).log
+    local = request_level(w, Topology({"ap-japan": 4})).log
     remote = request_level(w, Topology({"us-east": 4})).log
     japan = w.region == 1
     assert np.median(remote.ttft[japan] - local.ttft[japan]) > 0.1  # us-east <-> ap-japan: 150 ms
+    topo = Topology({"us-east": 2, "ap-japan": 2})
+    both = RequestLevelFleet(topo, CURVES, gateway(w, topo)).run(w)
+    served_in = np.array(topo.region_of())[both.log.replica]
+    assert {0, 1} <= set(served_in[japan].tolist()) and 0 < both.spilled < len(w)
 
 
 def test_fleet_size_search_finds_the_smallest_fleet_that_meets_the_slo():
@@ -106,7 +114,7 @@ def test_cli_fleet_writes_summary_and_plots(tmp_path):
 
     out = tmp_path / "fleet.json"
     assert main(["simulate", "fleet", "--workload", "day:100:120:23", "--cost", "roofline:llama-3-8b:h100",
-                 "--replicas", "10", "--json", str(out), "--plots", str(tmp_path)]) == 0
+                 "--replicas", "10", "--output-json", str(out), "--plots", str(tmp_path)]) == 0
     data = json.loads(out.read_text())
     assert data["summary"]["completed"] == data["requests"] > 0
     assert sum(data["topology"].values()) == 10 and len(data["timeline"]["kv_usage"][0]) == 10
@@ -125,3 +133,69 @@ def test_step_level_fleet_routes_and_admits_with_the_gateway_classes():
     limited = StepLevelFleet(topo, COST, tiny, gateway(w, topo, admission=admission)).run(w).log
     assert 0 < limited.rejected.mean() < 1
     assert np.nanmax(limited.ttft) < 2 + 1  # nothing waited past max_wait, plus its own service
+
+
+def run_cli(capsys, *args: str) -> str:
+    from chatscale.cli import main
+
+    assert main(["simulate", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_an_overloaded_fleet_keeps_every_replica_busy_and_says_so_per_replica(capsys):
+    """Ten H100s under twice what they serve (one minute of a day at 3,000 requests/s): the gateway's
+    routing spreads the queue over every replica (it spilled region by region into a few: peak queues
+    0, 0, 65, 0, 65, 1051, 0, 71, 0, 4110); the per-replica report shows it."""
+    data = json.loads(run_cli(capsys, "fleet", "--workload", "day:3000:60:23", "--cost", "roofline:llama-3-8b:h100",
+                              "--replicas", "10", "--json"))
+    per = data["per_replica"]
+    served, peaks = [r["served"] for r in per], [r["peak_queue"] for r in per]
+    assert len(per) == 10 and sum(served) == data["summary"]["completed"]
+    assert [r["region"] for r in per[:3]] == ["us-east"] * 3
+    assert min(served) > 0.7 * max(served), served
+    assert min(peaks) > 0 and max(peaks) < 1.5 * np.median(peaks), peaks
+
+
+def test_queue_term_keeps_ordering_replicas_past_the_queue_norm():
+    from chatscale.gateway.routing import AffinityWeights, CacheAffinity, ReplicaState, RouteRequest
+
+    policy = CacheAffinity(weights=AffinityWeights(queue_norm=256))
+    deep, shallow = ReplicaState("deep", num_waiting=40_000), ReplicaState("shallow", num_waiting=300)
+    picks = {policy.choose(RouteRequest(), [deep, shallow], 0.0).replica.name for _ in range(4)}
+    assert picks == {"shallow"}
+
+
+def test_cli_prints_a_readable_summary_with_json_behind_a_flag(capsys):
+    args = ("fleet", "--workload", "day:100:60:23", "--cost", "roofline:llama-3-8b:h100", "--replicas", "5")
+    text = run_cli(capsys, *args)
+    assert not text.lstrip().startswith("{") and "TTFT" in text and "per replica" in text
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+    assert len([line for line in text.splitlines() if re.match(r"  r\d", line)]) == 5
+    data = json.loads(run_cli(capsys, *args, "--json"))
+    assert data["summary"]["completed"] == data["requests"] and len(data["per_replica"]) == 5
+    size = run_cli(capsys, "size", "--workload", "azure-conv", "--max-requests", "2000", "--cost",
+                   "roofline:llama-3-8b:h100")
+    assert "smallest fleet" in size and "replicas serve 99%" in size
+    from chatscale.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "fleet", "--help"])
+    help_text = capsys.readouterr().out
+    assert "poisson:RATE:SECONDS" in help_text and "azure-conv" in help_text  # --workload's help was empty
+
+
+def test_progress_bar_ends_at_its_total(capsys):
+    w = chat(60, seconds=60)
+    n = len(w)
+    assert n % (n // 200) != 0  # a partial last tick, which used to run the bar past its total
+    topo = Topology.even(w.regions, 2)
+    RequestLevelFleet(topo, CURVES, gateway(w, topo)).run(w, show_progress=True)
+    counts = [int(k) for k in re.findall(rf"(\d+)/{n}\b", capsys.readouterr().err)]
+    assert counts[-1] == n and max(counts) == n, counts
+
+
+def test_simulate_takes_the_planners_efficiency_flags(capsys):
+    args = ("fleet", "--workload", "day:100:60:23", "--cost", "roofline:llama-3-8b:h100", "--replicas", "5", "--json")
+    served = json.loads(run_cli(capsys, *args))["summary"]["tpot"]["p50"]
+    bound = json.loads(run_cli(capsys, *args, "--efficiency", "1", "--step-overhead", "0"))["summary"]["tpot"]["p50"]
+    assert bound < 0.7 * served  # 60% of peak + 2 ms a step, against the roofline itself

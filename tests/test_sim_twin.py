@@ -123,9 +123,9 @@ def test_linear_fit_recovers_known_coefficients():
 
 
 def test_roofline_cost_is_the_planners():
-    from chatscale.planner.roofline import step_time
+    from chatscale.planner.roofline import Efficiency, step_time
 
-    cost = RooflineStepCost.named("llama-3-8b", "h100", efficiency=0.5, overhead_s=0.001)
+    cost = RooflineStepCost.named("llama-3-8b", "h100", efficiency=Efficiency(0.5, 0.001))
     chunks = [(1000, 1)] * 32 + [(0, 512)]
     want = step_time(cost.model, cost.hw, cost.layout, decode_contexts=[1001] * 32, prefills=[(512, 0)])
     assert cost.step_seconds(chunks) == pytest.approx(0.001 + want / 0.5)

@@ -7,6 +7,7 @@ Each sub-command registers its parser in a small `_add_*` function and imports i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -97,9 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Mistakes a user can fix (a missing file, one that does not parse, an unknown name) end with one line
+# and exit status 1, not a traceback; CHATSCALE_DEBUG=1 shows the traceback.
+USER_ERRORS = (OSError, ValueError)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line saying what went wrong (a file's name first when the error has one)."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get("CHATSCALE_DEBUG"):
+            raise
+        print(f"chatscale {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Names follow vLLM's with a `chatscale:` prefix (`vllm:num_requests_running` ->
 `chatscale:num_requests_running`), so dashboards and the gateway's scrapers port unchanged.
 Load is KV-cache usage plus batch size, efficiency is arithmetic intensity against the ridge point
-(ARCHITECTURE lesson 3), so those come first.
+(docs/architecture.md, lesson 3), so those come first.
 
 Three feeds, all messages from the engine process (nothing is read off a shared object): the
 engine's load and running totals as of its last step (`observe_engine`, an EngineSnapshot, read at

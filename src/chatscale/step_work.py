@@ -3,7 +3,7 @@
 The planner's roofline formulas (planner/roofline.py) priced on the step the scheduler really ran
 rather than on an assumed batch: per scheduled sequence, the tokens already in its KV cache and the
 tokens computed now. Dividing one by the other gives the step's arithmetic intensity, which is the
-number to hold against the chip's ridge point (ARCHITECTURE lesson 3).
+number to hold against the chip's ridge point (docs/architecture.md, lesson 3).
 
 FLOPs are *model* FLOPs, as MFU counts them: every computed token passes every active matmul (the
 output projection included) and attends to its whole context. Bytes are what one step must move at

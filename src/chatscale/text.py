@@ -143,14 +143,25 @@ def _read(path: str) -> str:
     return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
 
 
+def _chat_messages(text: str, name: str) -> list[dict]:
+    """A JSON chat: a list of messages, or an object with "messages"."""
+    try:
+        chat = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name}: not valid JSON ({exc})") from exc
+    messages = chat.get("messages") if isinstance(chat, dict) else chat
+    if not isinstance(messages, list):
+        raise ValueError(f'{name}: a chat is a JSON list of messages, or an object with "messages"')
+    return messages
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """`chatscale tokens count|split`: prints a count, or one JSON chunk per line."""
     tok = _load_tokenizer(args.model)
     text = _read(args.file)
     if args.tokens_command == "count":
         if args.chat:
-            chat = json.loads(text)
-            print(count_tokens(tok, chat["messages"] if isinstance(chat, dict) else chat))
+            print(count_tokens(tok, _chat_messages(text, args.file)))
         else:
             print(count_tokens(tok, text))
         return 0

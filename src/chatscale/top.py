@@ -1,8 +1,9 @@
 """`chatscale top URL...`: a terminal view of one or several servers' load, refreshed every second.
 
 Each server's /metrics is read once a second and turned into the same rows the /dashboard draws
-(scrape.py): load, KV usage (live and cached), the batch, tokens/s, TTFT and ITL percentiles, the
-prefix-cache hit rate, and arithmetic intensity against the ridge point. Any server with vLLM's
+(scrape.py), in three tables that fit 100 columns: load (KV usage live and cached, the batch,
+tokens/s), pain (TTFT and ITL percentiles, the prefix-cache hit rate, preemptions) and efficiency
+(arithmetic intensity against the ridge point, MFU, MBU). Any server with vLLM's
 metric names (vllm:...) shows the columns it has.
 """
 
@@ -13,14 +14,21 @@ import os
 import time
 
 import httpx
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from chatscale.scrape import LoadRow, LoadWindow, Scrape
 
-COLUMNS = ("server", "load", "KV live", "KV cached", "run", "wait", "seq/step", "tok/step", "gen tok/s",
-           "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "hit rate", "FLOP/B", "ridge", "MFU", "MBU")
+# Three tables, the three things worth watching (docs/architecture.md, lesson 3), so that each fits a
+# 100-column terminal: how loaded a server is, how its users feel, how well it uses the chip.
+LOAD = ("server", "load", "KV live", "KV cached", "run", "wait", "seq/step", "tok/step", "gen tok/s")
+PAIN = ("server", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "hit rate", "preempt/s")
+EFFICIENCY = ("server", "FLOP/B", "ridge", "MFU", "MBU", "busy")
+TABLES = (("load", LOAD), ("pain", PAIN), ("efficiency", EFFICIENCY))
+SERVER_WIDTH = 28  # longer host names are cut, so that the widest table stays within 100 columns
 
 
 def _pct(v: float | None) -> str:
@@ -39,21 +47,34 @@ def _num(v: float | None) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-def cells(r: LoadRow) -> list[str]:
-    return [_num(r.load), _pct(r.kv_live), _pct(r.kv_cached), _num(r.running), _num(r.waiting),
-            _num(r.batch_sequences), _num(r.batch_tokens), _num(r.tokens_per_s), _secs(r.ttft_p50),
-            _secs(r.ttft_p99), _secs(r.itl_p50), _secs(r.itl_p99), _pct(r.hit_rate), _num(r.intensity),
-            _num(r.ridge), _pct(r.mfu), _pct(r.mbu)]
+def cells(r: LoadRow) -> dict[str, str]:
+    return {"load": _num(r.load), "KV live": _pct(r.kv_live), "KV cached": _pct(r.kv_cached),
+            "run": _num(r.running), "wait": _num(r.waiting), "seq/step": _num(r.batch_sequences),
+            "tok/step": _num(r.batch_tokens), "gen tok/s": _num(r.tokens_per_s), "TTFT p50": _secs(r.ttft_p50),
+            "TTFT p99": _secs(r.ttft_p99), "ITL p50": _secs(r.itl_p50), "ITL p99": _secs(r.itl_p99),
+            "hit rate": _pct(r.hit_rate), "preempt/s": _num(r.preemptions_per_s), "FLOP/B": _num(r.intensity),
+            "ridge": _num(r.ridge), "MFU": _pct(r.mfu), "MBU": _pct(r.mbu), "busy": _pct(r.busy)}
 
 
-def table(rows: dict[str, LoadRow | str]) -> Table:
-    """One line per server: its latest row, or why it could not be read."""
-    t = Table(title=f"chatscale top  {time.strftime('%H:%M:%S')}", title_justify="left")
-    for i, name in enumerate(COLUMNS):
-        t.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
-    for url, row in rows.items():
-        t.add_row(url, *(cells(row) if isinstance(row, LoadRow) else [f"[red]{row}[/red]"] + [""] * (len(COLUMNS) - 2)))
-    return t
+def server_name(url: str) -> str:
+    """host:port, without the scheme that every row would repeat."""
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def screen(rows: dict[str, LoadRow | str]) -> Group:
+    """The load, pain and efficiency tables, a row per readable server; then why others are not."""
+    parts: list = [Text(f"chatscale top  {time.strftime('%H:%M:%S')}", style="bold")]
+    readable = {url: cells(row) for url, row in rows.items() if isinstance(row, LoadRow)}
+    for title, columns in TABLES:
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+        t.add_column(columns[0], max_width=SERVER_WIDTH, no_wrap=True, overflow="ellipsis")
+        for name in columns[1:]:
+            t.add_column(name, justify="right", no_wrap=True)
+        for url, values in readable.items():
+            t.add_row(server_name(url), *(values[c] for c in columns[1:]))
+        parts.append(t)
+    parts += [Text(f"{server_name(url)}: {row}", style="red") for url, row in rows.items() if isinstance(row, str)]
+    return Group(*parts)
 
 
 def watch(urls: list[str], interval: float = 1.0, iterations: int = 0, api_key: str | None = None,
@@ -63,7 +84,7 @@ def watch(urls: list[str], interval: float = 1.0, iterations: int = 0, api_key: 
     windows = {url: LoadWindow() for url in urls}
     rows: dict[str, LoadRow | str] = dict.fromkeys(urls, "connecting")
     with httpx.Client(timeout=min(interval, 2.0), headers=headers) as client, \
-            Live(table(rows), console=console, auto_refresh=False) as live:
+            Live(screen(rows), console=console, auto_refresh=False) as live:
         done = 0
         while not iterations or done < iterations:
             started = time.monotonic()
@@ -74,7 +95,7 @@ def watch(urls: list[str], interval: float = 1.0, iterations: int = 0, api_key: 
                     rows[url] = windows[url].push(Scrape.from_text(resp.text))
                 except (httpx.HTTPError, ValueError) as exc:
                     rows[url] = f"unreachable: {exc}"
-            live.update(table(rows), refresh=True)
+            live.update(screen(rows), refresh=True)
             done += 1
             if not iterations or done < iterations:
                 time.sleep(max(0.0, interval - (time.monotonic() - started)))

@@ -2,7 +2,7 @@
 
     chatscale bench serve --base-url http://127.0.0.1:8000 --concurrency 16 --num-requests 64
     chatscale bench serve --base-url URL --arrival poisson --request-rate 2 --dataset conversation
-    chatscale bench serve --base-url URL --arrival trace --trace ../shared/data/traces/azure_llm_2023_conv.csv \
+    chatscale bench serve --base-url URL --arrival trace --trace azure_llm_2023_conv.csv \
         --dataset trace --length-scale 0.1 --max-input-len 512 --max-output-len 128 --request-rate 1
 
 Registration only imports argparse; the client (httpx) loads when the command runs.
@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- r)")
     d.add_argument("--turns", type=int, default=4, help="turns per conversation")
     d.add_argument("--think-time", type=float, default=0.0, help="mean seconds between a reply and the next turn")
-    d.add_argument("--trace", default=None, help="Azure .csv or Mooncake .jsonl (../shared/data/traces/)")
+    d.add_argument("--trace", default=None, help="Azure .csv or Mooncake .jsonl file, or a shipped trace: "
+                   "azure_llm_2023_code.csv, azure_llm_2023_conv.csv, mooncake_conversation.jsonl")
     d.add_argument("--length-scale", type=float, default=1.0, help="multiply the trace's lengths by this")
     d.add_argument("--max-input-len", type=int, default=None, help="clip scaled trace prompts")
     d.add_argument("--max-output-len", type=int, default=None, help="clip scaled trace outputs")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+from chatscale.traces import trace_path
+
 # Common English words: prompts made of them tokenize at a steady, measurable tokens-per-word ratio.
 WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but "
@@ -103,8 +105,10 @@ def _azure_time(text: str) -> float:
 
 
 def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRecord]:
-    """Records of an Azure LLM (csv) or Mooncake (jsonl) trace, sorted, timestamps from zero."""
-    path = Path(path)
+    """Records of an Azure LLM (csv) or Mooncake (jsonl) trace, sorted, timestamps from zero.
+
+    `path` is a file, or the name of a trace shipped with chatscale (chatscale.traces)."""
+    path = trace_path(path)
     rows: list[TraceRecord] = []
     with path.open() as f:
         if path.suffix == ".csv":

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
+from chatscale.engine.tier_costs import TierCosts  # plain data: the config crosses to the engine process
+
 
 def default_model_path() -> str:
     """The shipped demo model, so a fresh checkout serves something with no flag."""
@@ -20,7 +22,8 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "cpu"
     block_size: int = 16
-    kv_cache_bytes: int | None = None  # None: kv_cache_fraction of the memory still free
+    # None: what max_num_seqs sequences of the full context can use, at most kv_cache_fraction of free memory
+    kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.25
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -28,6 +31,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_host_bytes: int = 0  # second KV tier (host memory on GPU, a disk area on CPU); 0: off
     kv_host_dir: str | None = None  # where the CPU disk area lives (default: the temp directory)
+    # Restore vs recompute cost per page that decides whether the tier pays; None: measured at start-up.
+    # Given, it makes the decision reproducible (tests; a fleet that measured once).
+    kv_tier_costs: TierCosts | None = None
     threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
     speculative_model: str | None = None  # a draft model directory, "demo-draft", or "ngram"; None: off
     num_speculative_tokens: int = 4
@@ -51,6 +57,10 @@ class EngineConfig:
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be at least 1")
 
+    def context_len(self, max_position_embeddings: int) -> int:
+        """Tokens a sequence may reach: --max-model-len, at most what the model was trained for."""
+        return min(self.max_model_len or max_position_embeddings, max_position_embeddings)
+
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> None:
         d = EngineConfig.__dataclass_fields__
@@ -59,8 +69,10 @@ class EngineConfig:
         p.add_argument("--device", default=d["device"].default, help="cpu, cuda, cuda:1, ...")
         p.add_argument("--block-size", type=int, default=d["block_size"].default, help="tokens per KV page")
         p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None,
-                       help="KV-cache pool size, e.g. 2GiB (default: a fraction of free memory)")
-        p.add_argument("--kv-cache-fraction", type=float, default=d["kv_cache_fraction"].default)
+                       help="KV-cache pool size, e.g. 2GiB (default: what --max-num-seqs sequences of the "
+                            "full context can use, at most --kv-cache-fraction of free memory)")
+        p.add_argument("--kv-cache-fraction", type=float, default=d["kv_cache_fraction"].default,
+                       help="the most of the free memory the default KV pool takes")
         p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
         p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
         p.add_argument("--max-model-len", type=int, default=None)

@@ -57,7 +57,7 @@ class EngineCore:
         self.model = self.executor.model
         cfg = self.model.cfg
         self.eos_token_ids = frozenset(eos or cfg.eos_token_ids)
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = config.context_len(cfg.max_position_embeddings)
         self.kv = KVCacheManager(self.executor.num_blocks, config.block_size, config.enable_prefix_caching)
         self.tier_report: TierCosts | None = None
         if config.kv_host_bytes and config.enable_prefix_caching:
@@ -94,7 +94,7 @@ class EngineCore:
         if pages < 1:
             raise ValueError("--kv-host-bytes is smaller than one KV page")
         runner.allocate_host_tier(pages, self.config.kv_host_dir)
-        self.tier_report = measure_tier_costs(runner, self.kv)
+        self.tier_report = self.config.kv_tier_costs or measure_tier_costs(runner, self.kv)
         if self.tier_report.pays:
             self.kv.tier = HostTier(pages)
         else:

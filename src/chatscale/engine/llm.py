@@ -16,7 +16,10 @@ Messages = list[dict[str, Any]]
 
 
 class LLM:
-    """Batch generation over the continuous-batching engine: all prompts are queued at once."""
+    """Batch generation over the continuous-batching engine: all prompts are queued at once.
+
+    Without SamplingParams a request takes the checkpoint's generation_config.json defaults
+    (GenerationDefaults: greedy unless it sets do_sample; its max_new_tokens, else 16 tokens)."""
 
     def __init__(self, model: str = "", num_blocks: int | None = None, **config: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **config), num_blocks=num_blocks)
@@ -27,7 +30,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(params, list):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.engine.default_sampling_params()] * len(prompts)
         ids = [self.engine.add_request(p, replace(sp)) for p, sp in zip(prompts, params)]
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
@@ -48,7 +51,7 @@ class LLM:
         """Yield the request's output after every step that changed it; the last one is finished.
 
         Abandoning the iterator aborts the request and frees its pages."""
-        request_id = self.engine.add_request(prompt, replace(params or SamplingParams()))
+        request_id = self.engine.add_request(prompt, replace(params or self.engine.default_sampling_params()))
         finished = False
         try:
             while not finished:

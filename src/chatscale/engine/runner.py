@@ -63,13 +63,19 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_cache_budget(config: EngineConfig, device: torch.device) -> int:
+def kv_cache_budget(config: EngineConfig, device: torch.device, bytes_per_block: int,
+                    context_len: int) -> tuple[int, str]:
+    """Bytes of the KV pool and why: --kv-cache-bytes if given; else what max_num_seqs sequences of
+    the full context can use (a larger pool would only sit idle), at most kv_cache_fraction of the
+    memory still free."""
     if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * config.kv_cache_fraction)
-    return int(available_memory_bytes() * config.kv_cache_fraction)
+        return config.kv_cache_bytes, "--kv-cache-bytes"
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
+    share = int(free * config.kv_cache_fraction)
+    usable = config.max_num_seqs * -(-context_len // config.block_size) * bytes_per_block
+    if usable <= share:
+        return usable, f"{config.max_num_seqs} sequences x {context_len} tokens"
+    return share, f"{config.kv_cache_fraction:.0%} of {free / 2**30:.1f} GiB free"
 
 
 @dataclass
@@ -90,7 +96,11 @@ class ModelRunner:
         cfg = model.cfg
         per_block = kv_bytes_per_block(model, config.block_size)
         if num_blocks is None:
-            num_blocks = kv_cache_budget(config, self.device) // per_block
+            context = config.context_len(cfg.max_position_embeddings)
+            budget, why = kv_cache_budget(config, self.device, per_block, context)
+            num_blocks = budget // per_block
+            log.info("KV cache: %d pages of %d tokens, %.0f MiB (%s)", num_blocks, config.block_size,
+                     num_blocks * per_block / 2**20, why)
         if num_blocks < 1:
             raise ValueError(f"the KV-cache budget holds no block of {per_block} bytes; raise --kv-cache-bytes")
         self.num_blocks = num_blocks

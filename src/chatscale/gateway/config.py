@@ -158,4 +158,8 @@ def parse(raw: dict) -> FleetConfig:
 
 
 def load(path: str | Path) -> FleetConfig:
-    return parse(yaml.safe_load(Path(path).read_text()) or {})
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    return parse(raw or {})

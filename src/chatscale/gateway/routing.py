@@ -12,11 +12,14 @@ scraped replicas and the other in simulated time. The contract, kept small on pu
 
 Policies: CacheAffinity (the default), RoundRobin, LeastOutstanding, RandomChoice; `make_policy(name)`.
 
-CacheAffinity first keeps the regions with the most headroom (a replica that is ready beats one that
-is near: streaming time dwarfs round trips), then scores each replica
+CacheAffinity first keeps the regions whose readiest replica has about the most headroom (a replica
+that is ready beats one that is near: streaming time dwarfs round trips; a region's best replica, not
+its sum, so that an idle replica in a small region is not passed over for busy ones in a large
+region), then scores each replica
     w_prefix x cached-prefix fraction + w_kv x (1 - KV usage) + w_queue x (1 - outstanding / queue_norm)
-with outstanding corrected by the gateway's own in-flight requests since the last scrape (a scrape
-is up to a second old; without the correction a burst lands on the replica that looked idle). The
+(the queue term goes negative past queue_norm, so deeper queues keep losing) with outstanding
+corrected by the gateway's own in-flight requests since the last scrape (a scrape is up to a
+second old; without the correction a burst lands on the replica that looked idle). The
 prefix term is dropped for a replica loaded beyond the fleet mean by `hotspot_margin`, so affinity
 cannot build a hot spot.
 """
@@ -207,7 +210,7 @@ class AffinityWeights:
     queue_norm: float = 16.0  # outstanding requests per unit weight counted as a full queue
     hotspot_margin: float = 0.5  # no affinity for a replica loaded above mean x (1 + margin) ...
     hotspot_slack: float = 2.0  # ... and above the mean by this many requests (small fleets stay calm)
-    region_tolerance: float = 0.8  # regions with headroom >= this x the best one compete on score
+    region_tolerance: float = 0.8  # regions whose best headroom >= this x the best one compete on score
 
 
 class CacheAffinity(Policy):
@@ -228,7 +231,7 @@ class CacheAffinity(Policy):
             return None
         room: dict[str, float] = {}
         for r in up:
-            room[r.region] = room.get(r.region, 0.0) + self.headroom(r)
+            room[r.region] = max(room.get(r.region, 0.0), self.headroom(r))
         best_room = max(room.values())
         up = [r for r in up if room[r.region] >= best_room * self.w.region_tolerance]
         mean = sum(r.load() for r in up) / len(up)
@@ -240,7 +243,9 @@ class CacheAffinity(Policy):
             terms = {
                 "prefix": 0.0 if hot else matched.get(r.name, 0) / len(req.chain) if req.chain else 0.0,
                 "kv": 1.0 - min(max(r.kv_usage, 0.0), 1.0),
-                "queue": 1.0 - min(r.load() / self.w.queue_norm, 1.0),
+                # Not floored at 0: past queue_norm a longer queue still scores lower, so an overloaded
+                # fleet keeps sending to its shortest queues (at 0 they all looked alike).
+                "queue": 1.0 - r.load() / self.w.queue_norm,
             }
             terms["score"] = self.w.prefix * terms["prefix"] + self.w.kv * terms["kv"] + self.w.queue * terms["queue"]
             if best is None or terms["score"] > best.terms["score"]:

@@ -19,23 +19,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class GenerationDefaults:
-    """generation_config.json: the checkpoint author's stop tokens and sampling defaults."""
+    """generation_config.json: the checkpoint author's stop tokens and sampling defaults, read as
+    transformers reads them. Sampling is on only where the file sets `do_sample`; without it (or
+    without the file) generation is greedy, as transformers' `generate` is: a chat model's card
+    values (temperature, top_p) are not meant without do_sample, and temperature 1 over a small
+    model's full vocabulary gives gibberish. `max_new_tokens` becomes the default `max_tokens`."""
 
     eos_token_ids: list[int] = field(default_factory=list)
-    sampling: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.0})
 
     @classmethod
     def from_dir(cls, path: Path) -> "GenerationDefaults":
         file = path / "generation_config.json"
-        if not file.is_file():
-            return cls()
-        cfg = json.loads(file.read_text())
+        cfg = json.loads(file.read_text()) if file.is_file() else {}
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        keys = ("temperature", "top_p", "top_k", "min_p") if cfg.get("do_sample") else ()
         sampling = {k: cfg[k] for k in keys if cfg.get(k) is not None}
-        if cfg.get("do_sample") is False:
+        if not cfg.get("do_sample"):
             sampling["temperature"] = 0.0
+        if cfg.get("repetition_penalty") is not None:  # transformers applies it to greedy search too
+            sampling["repetition_penalty"] = cfg["repetition_penalty"]
+        if cfg.get("max_new_tokens"):
+            sampling["max_tokens"] = cfg["max_new_tokens"]
         return cls(eos_ids, sampling)
 
 

@@ -4,12 +4,15 @@ Everything here is a closed-form count: parameters and KV-cache bytes, FLOPs, by
 time a step takes when it is bound by whichever of compute and memory is slower, plus the time
 spent talking between GPUs. It is a lower bound on real step times (kernels reach 50-90% of peak);
 its value is in *which* bound applies and how the answer moves with batch, context and layout.
+`Efficiency` turns the bound into an expected step time; the planner and the simulator's roofline
+cost share it, so `chatscale plan` and `chatscale simulate` agree on the same setup.
 
 Units: FLOPs count a multiply-add as two; bytes are bytes; times are seconds.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +51,45 @@ class Layout:
         return self.tp * self.pp
 
 
+@dataclass(frozen=True)
+class Efficiency:
+    """How far served steps fall short of the roofline: kernels reach `fraction` of the chip's peak
+    FLOP/s and bandwidth, and every step pays `step_overhead_s` besides (scheduling, sampling,
+    kernel launches, the host sync). The defaults are an assumption, not a measurement: vLLM-class
+    engines reach 50-80% of peak on large steps, and a step's fixed cost is a few milliseconds."""
+
+    fraction: float = 0.6
+    step_overhead_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1 or self.step_overhead_s < 0:
+            raise ValueError(f"efficiency must be in (0, 1] and the step overhead >= 0, got {self.fraction} "
+                             f"and {self.step_overhead_s}")
+
+    def seconds(self, roofline_s: float) -> float:
+        """The expected time of a step whose roofline bound is `roofline_s`."""
+        return self.step_overhead_s + roofline_s / self.fraction
+
+    def __str__(self) -> str:
+        return f"{self.fraction:.0%} of peak + {self.step_overhead_s * 1e3:g} ms/step"
+
+    @staticmethod
+    def add_cli_args(p: argparse.ArgumentParser) -> None:
+        """The same two flags on `chatscale plan` and `chatscale simulate`."""
+        d = Efficiency()
+        p.add_argument("--efficiency", type=float, default=d.fraction,
+                       help="share of the chip's peak FLOP/s and bandwidth a served step reaches (1: the roofline)")
+        p.add_argument("--step-overhead", type=float, default=d.step_overhead_s,
+                       help="seconds every step costs besides (scheduling, sampling, launches)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Efficiency:
+        return cls(args.efficiency, args.step_overhead)
+
+
+ROOFLINE = Efficiency(1.0, 0.0)  # the bound itself
+
+
 # --- memory -------------------------------------------------------------------------------------
 
 def weight_bytes(model: Model, layout: Layout) -> float:
@@ -66,14 +108,17 @@ def kv_bytes_per_token(model: Model, layout: Layout = Layout()) -> float:
 
 
 def max_batch(model: Model, hw: Hardware, layout: Layout, context: int,
-              memory_utilization: float = 0.9) -> int:
+              memory_utilization: float = 0.9) -> int | None:
     """Most sequences of `context` tokens whose KV cache fits beside the weights.
 
     `memory_utilization` keeps the rest of each GPU for activations and workspace (vLLM's default
-    gpu_memory_utilization is 0.9). Zero when the weights alone do not fit.
+    gpu_memory_utilization is 0.9). Zero when the weights alone do not fit; None (no limit) at
+    context 0, where sequences hold no KV cache.
     """
     free = hw.memory_bytes * memory_utilization * layout.gpus - weight_bytes(model, layout)
-    return max(0, int(free // (kv_bytes_per_token(model, layout) * context)))
+    if free < 0:
+        return 0
+    return None if context == 0 else int(free // (kv_bytes_per_token(model, layout) * context))
 
 
 # --- FLOPs --------------------------------------------------------------------------------------
@@ -226,8 +271,37 @@ def cost_per_1k_tokens(price_per_gpu_hour: float, gpus: int, tokens_per_s: float
 
 
 @dataclass(frozen=True)
+class Throughput:
+    """Decode speed and cost of one replica at one step time: the roofline bound, or the time
+    `Efficiency` expects. MFU and MBU are the step's FLOPs and bytes over what the replica's GPUs
+    could do and move at peak in that time (what `chatscale:mfu` / `chatscale:mbu` measure)."""
+
+    step_s: float
+    tokens_per_s_per_user: float
+    tokens_per_s: float
+    tokens_per_s_per_gpu: float
+    cost_per_1k_tokens: float | None
+    mfu: float
+    mbu: float
+
+
+def throughput(step: StepCost, seconds: float, batch: int, hw: Hardware, layout: Layout,
+               utilisation: float = 1.0) -> Throughput:
+    """`batch` sequences each gaining a token per `seconds`-long step of work `step`."""
+    tokens_per_s = batch / seconds
+    return Throughput(
+        step_s=seconds, tokens_per_s_per_user=1 / seconds, tokens_per_s=tokens_per_s,
+        tokens_per_s_per_gpu=tokens_per_s / layout.gpus,
+        cost_per_1k_tokens=(None if hw.price_per_hour is None else
+                            cost_per_1k_tokens(hw.price_per_hour, layout.gpus, tokens_per_s, utilisation)),
+        mfu=step.flops / (seconds * hw.flops(layout.weight_dtype) * layout.gpus),
+        mbu=step.bytes / (seconds * hw.memory_bandwidth * layout.gpus))
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Steady decoding at a fixed batch, every sequence at `context` tokens (the worst case)."""
+    """Steady decoding at a fixed batch, every sequence at `context` tokens (the worst case; 0:
+    weights only, no KV cache)."""
 
     model: str
     hardware: str
@@ -239,30 +313,28 @@ class Plan:
     kv_bytes_per_gpu: float  # for the whole batch at full context
     memory_per_gpu: float
     fits: bool
-    max_batch: int
+    max_batch: int | None  # None: no limit (context 0)
     decode_flops_per_token: float
     intensity: float
     ridge_point: float
     bound: str
-    step_s: float
-    compute_s: float
+    compute_s: float  # the roofline's terms of one step
     memory_s: float
     comm_s: float
-    tokens_per_s_per_user: float
-    tokens_per_s: float
-    tokens_per_s_per_gpu: float
-    cost_per_1k_tokens: float | None
+    efficiency: Efficiency
+    roofline: Throughput  # at the roofline's step time: a bound no engine beats
+    expected: Throughput  # at the step time `efficiency` expects (what the simulator's roofline cost uses)
     experts_read_per_micro_batch: float | None  # MoE only
     tokens_per_expert: float | None  # MoE only, per micro-batch
 
 
 def plan(model: Model, hw: Hardware, layout: Layout, batch: int, context: int,
-         utilisation: float = 1.0, memory_utilization: float = 0.9) -> Plan:
+         utilisation: float = 1.0, memory_utilization: float = 0.9,
+         efficiency: Efficiency = Efficiency()) -> Plan:
     """Memory, speed and cost of decoding `batch` sequences of `context` tokens on one replica."""
-    if batch < 1 or context < 1:
-        raise ValueError(f"batch and context must be >= 1, got batch={batch} context={context}")
+    if batch < 1 or context < 0:
+        raise ValueError(f"batch must be >= 1 and context >= 0, got batch={batch} context={context}")
     step = step_cost(model, hw, layout, decode_contexts=[context] * batch)
-    tokens_per_s = batch / step.seconds
     kv_per_gpu = kv_bytes_per_token(model, layout) * batch * context / layout.gpus
     weights_per_gpu = weight_bytes(model, layout) / layout.gpus
     micro_tokens = batch / step.micro_batches
@@ -282,23 +354,17 @@ def plan(model: Model, hw: Hardware, layout: Layout, batch: int, context: int,
         intensity=step.intensity,
         ridge_point=hw.ridge_point(layout.weight_dtype),
         bound=step.bound,
-        step_s=step.seconds,
         compute_s=step.compute_s,
         memory_s=step.memory_s,
         comm_s=step.comm_s,
-        tokens_per_s_per_user=1 / step.seconds,
-        tokens_per_s=tokens_per_s,
-        tokens_per_s_per_gpu=tokens_per_s / layout.gpus,
-        cost_per_1k_tokens=(None if hw.price_per_hour is None else
-                            cost_per_1k_tokens(hw.price_per_hour, layout.gpus, tokens_per_s,
-                                               utilisation)),
+        efficiency=efficiency,
+        roofline=throughput(step, step.seconds, batch, hw, layout, utilisation),
+        expected=throughput(step, efficiency.seconds(step.seconds), batch, hw, layout, utilisation),
         experts_read_per_micro_batch=(expected_distinct_experts(model, micro_tokens)
                                       if model.is_moe else None),
         tokens_per_expert=tokens_per_expert(model, micro_tokens) if model.is_moe else None,
     )
 
-
-# --- users, speculation, training ---------------------------------------------------------------
 
 def reading_speed_tokens_per_s(words_per_minute: float, tokens_per_word: float = 2.0) -> float:
     """Tokens/s a user reads at. The seeds count two tokens per word (English BPE is nearer 1.3,

@@ -40,9 +40,11 @@ router = APIRouter()
 STREAMS = {200: {"content": {"text/event-stream": {}}, "description": "the response, or its SSE stream"}}
 
 
-def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServerSettings) -> FastAPI:
+def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: ServerSettings,
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
     """`engine` is a running engine (its owner shuts it down), or a function that loads one: it runs
-    in a thread at startup while /health answers 503 "loading", and the app shuts it down at exit."""
+    in a thread at startup while /health answers 503 "loading", and the app shuts it down at exit.
+    `on_ready` is called once a loaded engine serves (what `chatscale serve` announces)."""
     state = ServerState(settings, Metrics(settings.served_model_name))
     state.engine = engine if isinstance(engine, AsyncEngine) else None
     if state.engine is not None:
@@ -53,7 +55,7 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: Server
     async def lifespan(_: FastAPI):
         state.drain_cut = asyncio.Event()
         sampler = asyncio.create_task(history.run(state))
-        loading = None if state.engine is not None else asyncio.create_task(_load(state, engine))
+        loading = None if state.engine is not None else asyncio.create_task(_load(state, engine, on_ready))
         try:
             yield
         finally:
@@ -76,12 +78,16 @@ def create_app(engine: AsyncEngine | Callable[[], AsyncEngine], settings: Server
     return app
 
 
-async def _load(state: ServerState, loader: Callable[[], AsyncEngine]) -> None:
+async def _load(state: ServerState, loader: Callable[[], AsyncEngine],
+                on_ready: Callable[[], None] | None) -> None:
     try:
         state.engine = await asyncio.to_thread(_load_and_attach, state, loader)
     except Exception as exc:
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("loading the model failed")
+        return
+    if on_ready is not None:
+        on_ready()
 
 
 def _load_and_attach(state: ServerState, loader: Callable[[], AsyncEngine]) -> AsyncEngine:

@@ -9,6 +9,8 @@ and size a fleet for an SLO.
 Workloads: poisson:RATE:SECONDS, day:RATE:SECONDS[:START_HOUR_UTC] (multi-region conversations,
 Japan's morning spike), azure-conv, azure-code, mooncake, log:PATH (a gateway request log);
 --rate and --length scale any of them. Costs: a profile JSON, or roofline:MODEL:HARDWARE[:TP].
+Each run prints a summary; --json prints every figure as JSON instead, --output-json PATH writes
+them (with the timeline) to a file.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+from chatscale.planner.roofline import Efficiency
+
+WORKLOAD_HELP = ("poisson:RATE:SECONDS (independent requests), day:RATE:SECONDS[:START_HOUR_UTC] (conversations "
+                 "in five regions over a day, Japan's morning spike), azure-conv, azure-code, mooncake (the "
+                 "shipped production traces), log:PATH (a chatscale gateway request log)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,18 +63,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(c: argparse.ArgumentParser) -> None:
-    c.add_argument("--workload", required=True)
+    c.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     c.add_argument("--rate", type=float, default=1.0, help="speed arrivals up by this factor")
     c.add_argument("--length", type=float, default=1.0, help="scale prompt and answer lengths")
     c.add_argument("--max-requests", type=int, default=None)
     c.add_argument("--cost", required=True, help="profile JSON or roofline:MODEL:HARDWARE[:TP]")
+    Efficiency.add_cli_args(c.add_argument_group("roofline costs (as `chatscale plan` takes them)"))
     c.add_argument("--num-blocks", type=int, default=None, help="KV pages per replica (default: what fits)")
     c.add_argument("--block-size", type=int, default=16)
     c.add_argument("--max-num-seqs", type=int, default=256)
     c.add_argument("--max-num-batched-tokens", type=int, default=2048)
     c.add_argument("--slo-ttft", type=float, default=2.0)
     c.add_argument("--slo-tpot", type=float, default=0.1)
-    c.add_argument("--json", type=Path, default=None, help="write the summary (and timeline) here")
+    c.add_argument("--json", action="store_true", help="print every figure as JSON instead of the summary")
+    c.add_argument("--output-json", type=Path, default=None, help="write every figure and the timeline here")
     c.add_argument("--plots", type=Path, default=None, help="write PNG plots into this directory")
     c.add_argument("--seed", type=int, default=0)
 
@@ -87,7 +98,7 @@ def load_workload(spec: str, seed: int = 0):
         return W.mooncake()
     if kind == "log":
         return W.gateway_log(Path(spec.split(":", 1)[1]))
-    raise SystemExit(f"unknown workload {spec!r}")
+    raise ValueError(f"unknown workload {spec!r}; one of {WORKLOAD_HELP}")
 
 
 def _run_profile(args: argparse.Namespace) -> int:
@@ -107,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     w = load_workload(args.workload, args.seed).scaled(rate=args.rate, length=args.length)
     if args.max_requests:
         w = w.first(args.max_requests)
-    cost = load_cost_model(args.cost)
+    cost = load_cost_model(args.cost, Efficiency.from_args(args))
     blocks = args.num_blocks or (cost.kv_blocks(args.block_size) if isinstance(cost, RooflineStepCost)
                                  else cost.source.get("num_blocks", 4096))
     config = TwinConfig(num_blocks=blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
@@ -115,13 +126,14 @@ def _run(args: argparse.Namespace) -> int:
                         vocab=getattr(cost, "source", {}).get("vocab", 32000))
     slo = Slo(args.slo_ttft, args.slo_tpot)
     started = time.time()
-    out: dict = {"workload": args.workload, "requests": len(w), "cost": args.cost, "num_blocks": blocks}
+    out: dict = {"command": args.sim_command, "workload": args.workload, "requests": len(w), "cost": args.cost,
+                 "num_blocks": blocks}
+    timeline = None
     if args.sim_command == "replica":
         from chatscale.sim.replay import simulate_replica
 
-        log, twin = simulate_replica(w, cost, config, show_progress=True)
+        log, twin = simulate_replica(w, cost, config, show_progress=not args.json)
         out["steps"] = twin.num_steps
-        timeline = None
     elif args.sim_command == "fleet":
         log, timeline, extra = _fleet(args, w, cost, config)
         out.update(extra)
@@ -129,16 +141,15 @@ def _run(args: argparse.Namespace) -> int:
         from chatscale.sim.sizing import size_fleet
 
         found = size_fleet(w, lambda topo: _request_level(args, w, cost, config, topo).log, slo, args.target)
-        out.update(replicas=found.replicas, tried=found.tried, wall_s=time.time() - started)
-        print(json.dumps(out, indent=2))
-        _save(args.json, out)
-        return 0
+        out.update(replicas=found.replicas, tried=found.tried, target=args.target)
+        log = None
     out["wall_s"] = time.time() - started
-    out["summary"] = log.summary(slo)
-    print(json.dumps(out, indent=2))
+    if log is not None:
+        out["summary"] = log.summary(slo)
+    _print(out, args.json)
     if timeline is not None:
         out["timeline"] = timeline.as_dict()
-    _save(args.json, out)
+    _save(args.output_json, out)
     if args.plots:
         from chatscale.sim import plots
 
@@ -154,12 +165,15 @@ def _fleet(args, w, cost, config):
 
     topo = proportional(w, args.replicas)
     if args.level == "request":
-        res = _request_level(args, w, cost, config, topo, show_progress=True)
-        return res.log, res.timeline, {"topology": topo.replicas, "retried": res.retried, "spilled": res.spilled}
-    from chatscale.sim.fleet import StepLevelFleet
+        res = _request_level(args, w, cost, config, topo, show_progress=not args.json)
+        extra = {"retried": res.retried}
+    else:
+        from chatscale.sim.fleet import StepLevelFleet
 
-    res = StepLevelFleet(topo, cost, config, _gateway(args, w, topo, config)).run(w, show_progress=True)
-    return res.log, res.timeline, {"topology": topo.replicas, "steps": res.steps, "spilled": res.spilled}
+        res = StepLevelFleet(topo, cost, config, _gateway(args, w, topo, config)).run(w, show_progress=not args.json)
+        extra = {"steps": res.steps}
+    return res.log, res.timeline, {"topology": topo.replicas, **extra, "spilled": res.spilled,
+                                   "per_replica": [asdict(s) for s in res.per_replica]}
 
 
 def _request_level(args, w, cost, config, topo, show_progress: bool = False):
@@ -179,6 +193,12 @@ def _gateway(args, w, topo, config):
         admission = AdmissionSettings.for_replicas(config.max_num_seqs, max_queue=args.max_queue)
     policy = sim_policy(args.routing, topo, config.num_blocks * config.block_size, config.max_num_seqs)
     return SimGateway(topo, policy, w.regions, admission, args.candidates, seed=args.seed)
+
+
+def _print(out: dict, as_json: bool) -> None:
+    from chatscale.sim.report import render
+
+    print(json.dumps(out, indent=2) if as_json else render(out))
 
 
 def _save(path: Path | None, data: dict) -> None:

@@ -8,7 +8,8 @@ tokens computed this step). Two models answer it:
   per KV token a decode group reads (padded to the group's longest context, as the runner attends
   decodes in groups of similar length), and per prefill attention pair.
 - `RooflineStepCost`, the planner's roofline for a catalog GPU and model: max(compute, memory) plus
-  communication, scaled by an efficiency (kernels reach a fraction of peak) and a fixed overhead.
+  communication, turned into an expected step time by the planner's own `Efficiency` (a fraction
+  of peak and a fixed cost per step), so that `chatscale plan` and the simulator agree.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from chatscale.planner.catalog import Model, get_model
 from chatscale.planner.hardware import Hardware, get_hardware
-from chatscale.planner.roofline import Layout, kv_bytes_per_token, step_cost, weight_bytes
+from chatscale.planner.roofline import Efficiency, Layout, kv_bytes_per_token, step_cost, weight_bytes
 
 Chunks = Sequence[tuple[int, int]]
 
@@ -107,7 +108,10 @@ class LinearStepCost:
 
     @classmethod
     def load(cls, path: str | Path) -> LinearStepCost:
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a step-cost profile (invalid JSON: {exc})") from exc
         return cls(d["coefficients"], d.get("source", {}), d.get("group", DECODE_GROUP), d.get("residuals", []))
 
 
@@ -127,20 +131,19 @@ def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @dataclass
 class RooflineStepCost:
-    """The planner's roofline step time for `model` on `hw` with `layout`, divided by `efficiency`,
-    plus `overhead_s` per step (scheduling, sampling, kernel launches)."""
+    """The planner's roofline step time for `model` on `hw` with `layout`, as `efficiency` expects
+    it served (the same Efficiency `chatscale plan` prints its expected figures with)."""
 
     model: Model
     hw: Hardware
     layout: Layout = Layout()
-    efficiency: float = 0.6
-    overhead_s: float = 0.002
+    efficiency: Efficiency = Efficiency()
 
     def step_seconds(self, chunks: Chunks) -> float:
         decodes = [cached + 1 for cached, n in chunks if n == 1]
         prefills = [(n, cached) for cached, n in chunks if n > 1]
         cost = step_cost(self.model, self.hw, self.layout, decode_contexts=decodes, prefills=prefills)
-        return self.overhead_s + cost.seconds / self.efficiency
+        return self.efficiency.seconds(cost.seconds)
 
     def expected(self) -> RooflineStepCost:
         return self
@@ -155,9 +158,11 @@ class RooflineStepCost:
         return cls(get_model(model), get_hardware(hardware), Layout(tp=tp), **kw)
 
 
-def load_cost_model(spec: str) -> StepCostModel:
-    """`profile.json` (a fitted profile) or `roofline:MODEL:HARDWARE[:TP]` (catalog names)."""
+def load_cost_model(spec: str, efficiency: Efficiency = Efficiency()) -> StepCostModel:
+    """`profile.json` (a fitted profile) or `roofline:MODEL:HARDWARE[:TP]` (catalog names, served at
+    `efficiency`)."""
     if spec.startswith("roofline:"):
         parts = spec.split(":")[1:]
-        return RooflineStepCost.named(parts[0], parts[1], int(parts[2]) if len(parts) > 2 else 1)
+        return RooflineStepCost.named(parts[0], parts[1], int(parts[2]) if len(parts) > 2 else 1,
+                                      efficiency=efficiency)
     return LinearStepCost.load(spec)

@@ -20,7 +20,7 @@ from chatscale.sim.gateway_sim import SimGateway, prefix_chain
 from chatscale.sim.progress import progress
 from chatscale.sim.replay import new_log
 from chatscale.sim.request_level import FleetResult
-from chatscale.sim.results import Timeline
+from chatscale.sim.results import Timeline, replica_stats
 from chatscale.sim.tokens import answer_key, prompt_token_ids
 from chatscale.sim.topology import Topology
 from chatscale.sim.twin import ReplicaTwin, TwinConfig
@@ -99,4 +99,5 @@ class StepLevelFleet:
         lag = np.where(served, rtt[w.region, np.array(topo.region_of())[np.maximum(log.replica, 0)]], 0.0)
         log.first_token += lag
         log.finish += lag
-        return FleetResult(log, timeline, spilled=gw.spilled, steps=sum(t.num_steps for t in twins))
+        return FleetResult(log, timeline, spilled=gw.spilled, steps=sum(t.num_steps for t in twins),
+                           per_replica=replica_stats(log, gw.peak_waiting, [topo.regions[g] for g in topo.region_of()]))

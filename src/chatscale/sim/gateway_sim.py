@@ -1,16 +1,17 @@
 """The gateway's own routing and admission classes (chatscale.gateway.routing / admission), run in
 simulated time for both fleets.
 
-One gateway per user region, as deployed: it offers its region's replicas to the routing policy
-(nearest region first; the next one when the pick would queue more than `spill_queue`), and, when
-admission control is on, forwards below saturation (some replica it routes to has room), queues
-above it (priority bands, fair share by key) and rejects with Retry-After when its queue is full or
-a ticket waited too long; it then spills only into regions with room. Replica state
-is exact (the simulator has no scrape lag), kept in the gateway's ReplicaState objects.
+Routing is the gateway's: the policy is offered replicas of every region and chooses as it does
+behind `chatscale gateway` (cache affinity keeps the regions whose readiest replica has about the
+most headroom, then scores prefix x KV x queue; a replica that is ready beats one that is near).
+With admission control, one gateway per user region forwards below saturation (some replica has
+room), queues above it (priority bands, fair share by key) and rejects with Retry-After when its
+queue is full or a ticket waited too long. Replica state is exact (the simulator has no scrape
+lag), kept in the gateway's ReplicaState objects.
 
-At fleet scale a policy is offered `candidates` replicas per request: the ones the policy's prefix
-index says hold the request's prefix, plus a random sample of the region (the power of d choices);
-0 offers the whole region.
+At fleet scale a policy is offered `candidates` replicas per request: a uniform sample of the whole
+fleet (the power of d choices: each region in proportion to its size) plus the replicas the policy's
+prefix index says hold the request's prefix; 0 offers every replica.
 """
 
 from __future__ import annotations
@@ -41,81 +42,70 @@ class AdmissionSettings:
 
 class SimGateway:
     def __init__(self, topology: Topology, policy: Policy, user_regions: list[str],
-                 admission: AdmissionSettings | None = None, candidates: int = 8, spill_queue: int = 64,
-                 seed: int = 0) -> None:
+                 admission: AdmissionSettings | None = None, candidates: int = 8, seed: int = 0) -> None:
         self.policy = policy
         self.states = [ReplicaState(f"r{r}", topology.regions[g]) for r, g in enumerate(topology.region_of())]
         self.index = {s.name: r for r, s in enumerate(self.states)}
-        self.members = [[self.states[r] for r in m] for m in topology.members()]
-        self.order = topology.nearest(user_regions)
-        self.candidates, self.spill_queue = candidates, spill_queue
+        self.home = [order[0] for order in topology.nearest(user_regions)]  # each user region's nearest
+        self.candidates = candidates
+        self.peak_waiting = [0] * len(self.states)  # per replica, for the per-replica report
         self._draw = random.Random(seed).random
         self.settings = admission
         self.admission = [Admission(admission.bands, admission.max_queue, admission.max_wait)
                           for _ in user_regions] if admission else None
-        self._room = [len(m) for m in self.members]  # replicas with room, per fleet region
+        self._with_room = len(self.states)  # replicas with room (admission control)
         self._region_of = topology.region_of()
         self.spilled = 0
 
     # ---- replica state ------------------------------------------------------------------------
     def update(self, r: int, running: int, waiting: int, kv_usage: float) -> None:
         s = self.states[r]
+        if waiting > self.peak_waiting[r]:
+            self.peak_waiting[r] = waiting
         if self.settings is None:
             s.num_running, s.num_waiting, s.kv_usage = running, waiting, kv_usage
             return
         before = s.healthy and has_room(s, self.settings.limits)
         s.num_running, s.num_waiting, s.kv_usage = running, waiting, kv_usage
-        self._room[self._region_of[r]] += (s.healthy and has_room(s, self.settings.limits)) - before
+        self._with_room += (s.healthy and has_room(s, self.settings.limits)) - before
 
     def set_healthy(self, r: int, healthy: bool) -> None:
         s = self.states[r]
         if self.settings is not None:
-            self._room[self._region_of[r]] -= s.healthy and has_room(s, self.settings.limits)
+            self._with_room -= s.healthy and has_room(s, self.settings.limits)
         s.healthy = healthy
         if self.settings is not None:
-            self._room[self._region_of[r]] += s.healthy and has_room(s, self.settings.limits)
+            self._with_room += s.healthy and has_room(s, self.settings.limits)
 
     # ---- routing ------------------------------------------------------------------------------
     def route(self, chain: list[int], tokens: int, user_region: int, now: float) -> int | None:
         """The replica the policy picks for this request, or None if none is available."""
         req = RouteRequest(chain, tokens)
-        order = self.order[user_region]
-        if self.settings is not None:  # with admission control, spill only where there is room
-            order = [g for g in order if self._room[g]] or order[:1]
-        route = None
-        for region in order:
-            route = self.policy.choose(req, self._offer(region, chain), now) or route
-            if route is not None and route.replica.num_waiting <= self.spill_queue:
-                break
+        route = self.policy.choose(req, self._offer(chain), now)
         if route is None:
             return None
         r = self.index[route.replica.name]
-        if self._region_of[r] != order[0]:
+        if self._region_of[r] != self.home[user_region]:
             self.spilled += 1
         self.policy.sent(req, route.replica)
         return r
 
-    def _offer(self, region: int, chain: list[int]) -> list[ReplicaState]:
-        pool = self.members[region]
-        if self.settings is not None:  # forward below saturation: only to replicas with room
-            limits = self.settings.limits
-            pool = [s for s in pool if has_room(s, limits)] or pool
-        k = self.candidates
+    def _offer(self, chain: list[int]) -> list[ReplicaState]:
+        """What the policy is offered: every replica, or a sample of them plus the prefix holders."""
+        pool, k = self.states, self.candidates
         if not k or len(pool) <= k:
             return pool
         n = len(pool)
-        offered = [pool[int(self._draw() * n)] for _ in range(k)]
+        offered = {id(s): s for s in (pool[int(self._draw() * n)] for _ in range(k))}
         if chain and isinstance(self.policy, CacheAffinity):
-            holders = self.policy.index.matched(chain)
-            offered += [s for s in (self.states[self.index[h]] for h in holders)
-                        if self._region_of[self.index[s.name]] == region
-                        and (self.settings is None or has_room(s, self.settings.limits))]
-        return offered
+            holders = (self.states[self.index[h]] for h in self.policy.index.matched(chain))
+            offered.update((id(s), s) for s in holders)
+        return list(offered.values())
 
     # ---- admission ----------------------------------------------------------------------------
     def saturated(self, user_region: int) -> bool:
         """No replica the gateway routes to has room (admission.saturated over its replicas)."""
-        return not any(self._room[g] for g in self.order[user_region])
+        return not self._with_room
 
     def arrive(self, i: int, key: str, tokens: int, user_region: int, now: float) -> str:
         """"admit", "queue" or "reject" (always "admit" without admission control)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.sim.cost import LinearStepCost
@@ -115,8 +116,15 @@ def run_profile(model: str = "", threads: int = 1, repeats: int = 2, num_blocks:
     profile_engine(engine, shapes[:6], seed=99)  # warm-up: allocator, kernels, caches
     steps, seconds = profile_engine(engine, shapes, repeats, show_progress=show_progress)
     return LinearStepCost.fit(steps, seconds, group=DECODE_GROUP, source={
-        "model": engine.config.model, "threads": threads, "device": engine.config.device,
+        "model": _model_label(engine.config.model), "threads": threads, "device": engine.config.device,
         "cpu": _cpu_name(), "torch": torch.__version__, "num_blocks": engine.kv.num_blocks,
         "block_size": engine.kv.block_size, "vocab": engine.vocab_size,
         "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _model_label(path: str) -> str:
+    """A shipped model by its place in the package (the same in every checkout), others as given."""
+    package = Path(__file__).resolve().parents[1]
+    resolved = Path(path).resolve()
+    return str(Path(package.name, resolved.relative_to(package))) if resolved.is_relative_to(package) else path

@@ -22,14 +22,14 @@ import heapq
 import math
 from array import array
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from chatscale.sim.curves import ReplicaCurves
 from chatscale.sim.gateway_sim import SimGateway, prefix_chain
 from chatscale.sim.progress import progress
-from chatscale.sim.results import RequestLog, Timeline
+from chatscale.sim.results import ReplicaStats, RequestLog, Timeline, replica_stats
 from chatscale.sim.topology import Topology
 from chatscale.sim.workloads import Workload
 
@@ -43,6 +43,7 @@ class FleetResult:
     retried: int = 0  # requests re-routed because their replica failed
     spilled: int = 0  # requests served outside their users' nearest region
     steps: int = 0  # scheduler steps (step level only)
+    per_replica: list[ReplicaStats] = field(default_factory=list)
 
 
 @dataclass
@@ -202,13 +203,14 @@ class RequestLevelFleet:
                 self._sample(result.timeline, t)
                 next_sample = t + self.sample_s
             arrive(i, t)
-            if i % tick == 0:
+            if (i + 1) % tick == 0:
                 bar.update(tick)
         while heap:
             done, j, r = heapq.heappop(heap)
             complete(done, j, r)
         for j in gw.expired(math.inf):
             rejected[j] = 1
+        bar.update(n - bar.n)  # the last partial tick: the bar ends at its total, not past it
         bar.close()
         log.first_token[:] = np.frombuffer(first_token, np.float64)
         log.finish[:] = np.frombuffer(finish, np.float64)
@@ -217,6 +219,7 @@ class RequestLevelFleet:
         log.rejected[:] = np.frombuffer(rejected, np.int8).astype(bool)
         log.output[:] = w.output
         result.spilled = gw.spilled
+        result.per_replica = replica_stats(log, gw.peak_waiting, [topo.regions[g] for g in region_of])
         return result
 
     def _sample(self, timeline: Timeline, t: float) -> None:

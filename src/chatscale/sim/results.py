@@ -85,3 +85,19 @@ class Timeline:
 
     def as_dict(self) -> dict:
         return {"time": self.time, "kv_usage": self.kv_usage, "batch": self.batch, "waiting": self.waiting}
+
+
+@dataclass
+class ReplicaStats:
+    """One replica's share of a fleet run: an imbalance (idle replicas beside a deep queue) shows here."""
+
+    replica: int
+    region: str
+    served: int  # requests it served
+    peak_queue: int  # the most requests that waited at it at once
+
+
+def replica_stats(log: RequestLog, peak_waiting: list[int], regions: list[str]) -> list[ReplicaStats]:
+    """Per replica (`regions[r]` is replica r's region): requests served and its peak queue."""
+    served = np.bincount(log.replica[log.replica >= 0], minlength=len(peak_waiting))
+    return [ReplicaStats(r, regions[r], int(served[r]), int(peak_waiting[r])) for r in range(len(peak_waiting))]

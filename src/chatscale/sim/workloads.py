@@ -19,8 +19,6 @@ import numpy as np
 from chatscale.bench.workloads import MOONCAKE_BLOCK_TOKENS as MOONCAKE_BLOCK
 from chatscale.bench.workloads import load_trace
 
-TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "traces"
-
 # Regions with the UTC offset their users live in; the weights are each region's share of peak load.
 DEFAULT_REGIONS: dict[str, tuple[float, float]] = {
     "us-east": (-5, 1.0), "us-west": (-8, 0.6), "eu-west": (1, 0.9), "ap-japan": (9, 0.7), "ap-india": (5.5, 0.5),
@@ -100,7 +98,7 @@ def _columns(arrival, prompt, output, conv=None, prefix=None, region=None, **kw)
 
 def azure(kind: str = "conv", path: Path | None = None) -> Workload:
     """Azure LLM inference trace 2023 (`code` or `conv`): arrivals and token counts, no prefixes."""
-    rows = load_trace(path or TRACES / f"azure_llm_2023_{kind}.csv")
+    rows = load_trace(path or f"azure_llm_2023_{kind}.csv")
     return _columns([r.timestamp for r in rows], [r.input_tokens for r in rows], [r.output_tokens for r in rows],
                     name=f"azure-{kind}")
 
@@ -111,7 +109,7 @@ def mooncake(path: Path | None = None) -> Workload:
     Requests sharing a first block form one prefix family (`conv`); `prefix` counts the blocks a
     request shares with the longest earlier request of the trace (what an unbounded cache would hit).
     """
-    rows = load_trace(path or TRACES / "mooncake_conversation.jsonl")
+    rows = load_trace(path or "mooncake_conversation.jsonl")
     seen: set[int] = set()
     prefix = []
     for r in rows:
