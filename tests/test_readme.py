@@ -125,7 +125,7 @@ TESTED = ("make serve", "make test", "chatscale chat ", "chatscale serve --port 
 def test_every_example_is_tested():
     untested = [c for c in commands() if not c.startswith(TESTED)]
     assert not untested, f"README examples no test runs: {untested}"
-    assert len(fenced("python")) == 2 and len(fenced("bash")) == 1
+    assert len(fenced("python")) == 3 and len(fenced("bash")) == 1
 
 
 def test_make_targets_are_the_makefiles():
@@ -155,6 +155,15 @@ def test_curl_and_openai_examples_against_the_readme_server(server, ports):
     done = subprocess.run([sys.executable, "-c", client], env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) >= 4 and "completion_tokens=" in done.stdout, done.stdout
+
+
+def test_tool_call_and_structured_output_example(server, ports):
+    example_code = localize(next(b for b in fenced("python") if "tool_choice" in b), ports)
+    done = subprocess.run([sys.executable, "-c", example_code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    call, forecast = done.stdout.strip().splitlines()
+    assert call.startswith("Function(arguments='{\"city\": ") and "name='get_weather'" in call, call
+    assert forecast.startswith("city=") and "sunny=" in forecast, forecast
 
 
 def test_command_line_examples(server, ports):

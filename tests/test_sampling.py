@@ -135,3 +135,21 @@ def test_engine_stops_on_stop_string_and_reports_it(llm):
     assert o.text == base.text[: base.text.find(stop)]
     assert o.finish_reason == "stop" and o.stop_reason == stop
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_truncation_without_a_full_sort_equals_the_sorted_reference():
+    """Random rows with every mix of top-k, top-p and min-p: the candidate-based truncation keeps
+    exactly the tokens a full sort keeps, including rows whose nucleus is wider than the candidates."""
+    from chatscale.engine.sampler import _truncate_sorted
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 2000
+    logits = torch.randn(64, vocab, generator=g) * torch.linspace(0.1, 8, 64)[:, None]  # flat to peaked
+    top_k = torch.randint(0, 40, (64,), generator=g) * (torch.rand(64, generator=g) < 0.5)
+    top_p = torch.where(torch.rand(64, generator=g) < 0.7, torch.rand(64, generator=g) * 0.99 + 0.01,
+                        torch.ones(64))
+    min_p = torch.where(torch.rand(64, generator=g) < 0.3, torch.rand(64, generator=g) * 0.2, torch.zeros(64))
+    ours = torch.isfinite(truncate(logits, top_k, top_p, min_p))
+    ref = torch.isfinite(_truncate_sorted(logits, torch.where(top_k > 0, top_k, vocab), top_p, min_p))
+    assert torch.equal(ours, ref)
+    assert (ours.sum(-1) > 256).any()  # some nucleus was wider than the candidates: the fallback ran

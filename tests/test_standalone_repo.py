@@ -28,12 +28,17 @@ MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def _text_files() -> list[Path]:
+    """The repository's text files: what git tracks or would (not build outputs such as egg-info)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True)
+    candidates = ([ROOT / name for name in listed.stdout.splitlines()] if listed.returncode == 0
+                  else [p for d in SCANNED_DIRS for p in (ROOT / d).rglob("*")])
     files = [ROOT / f for f in SCANNED_FILES]
-    for d in SCANNED_DIRS:
-        for path in (ROOT / d).rglob("*"):
-            if path.is_file() and path.suffix in TEXT and "__pycache__" not in path.parts \
-                    and path.stat().st_size < 1_000_000:  # the traces are data, not paths
-                files.append(path)
+    for path in candidates:
+        top = path.relative_to(ROOT).parts[0]
+        if top in SCANNED_DIRS and path.is_file() and path.suffix in TEXT and "__pycache__" not in path.parts \
+                and path.stat().st_size < 1_000_000:  # the traces are data, not paths
+            files.append(path)
     return files
 
 

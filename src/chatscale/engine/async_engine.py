@@ -67,7 +67,7 @@ class AsyncEngine(EngineFront):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         from chatscale.engine.core_process import command
 
-        level = logging.getLogger().getEffectiveLevel()
+        level = logging.getLogger("chatscale").getEffectiveLevel()
         # The engine imports what this process imports (as multiprocessing's spawn does): same path.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.process = subprocess.Popen([sys.executable, *command(config, num_blocks, requests_addr, results_addr,

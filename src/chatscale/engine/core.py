@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from pathlib import Path
 
 from chatscale.engine.config import EngineConfig
 from chatscale.engine.errors import EngineDeadError
@@ -30,7 +29,7 @@ from chatscale.engine.spec_decode import SpecDecodeStats, SpecPolicy
 from chatscale.engine.tier_costs import TierCosts, measure_tier_costs
 from chatscale.engine.structured.hook import StructuredOutputs
 from chatscale.models.config import ModelConfig
-from chatscale.models.loader import GenerationDefaults
+from chatscale.models.loader import GenerationDefaults, model_dir
 from chatscale.models.tokenizer import Tokenizer
 
 log = logging.getLogger("chatscale.engine")
@@ -44,7 +43,7 @@ class EngineCore:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.config = config
-        path = Path(config.model)
+        path = model_dir(config.model)
         self.generation_defaults = GenerationDefaults.from_dir(path)
         tokenizer = Tokenizer.from_dir(path)
         eos = set(self.generation_defaults.eos_token_ids)

@@ -119,7 +119,9 @@ class InProcessExecutor:
                 plain.append(w.seq)
             row += w.num_logits
         if plain:
-            tokens, logprobs = self.sampler(logits[torch.tensor(plain_rows, device=logits.device)], plain)
+            every_row = len(plain_rows) == logits.shape[0]  # then no [rows, vocab] copy
+            rows = logits if every_row else logits[torch.tensor(plain_rows, device=logits.device)]
+            tokens, logprobs = self.sampler(rows, plain)
             for seq, token, lp in zip(plain, tokens, logprobs):
                 out.tokens[seq], out.logprobs[seq] = [token], [lp]
         if spec:

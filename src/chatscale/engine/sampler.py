@@ -1,17 +1,23 @@
 """Turn a step's logits into tokens, honouring each sequence's own sampling parameters.
 
-Rows are processed as one batch: bias and penalties, then greedy rows take the argmax and the
-others are tempered, truncated (top-k, top-p, min-p) and sampled with the exponential race
-(argmax of p / Exp(1)), which needs one noise draw per row and so lets a seeded request keep
-its own generator whatever else shares the batch.
+The batch is processed as a whole: bias and penalties as a few scatters over the rows that have
+them, then greedy rows take the argmax and the others are tempered, truncated (top-k, top-p, min-p)
+and sampled with the exponential race (argmax of p / Exp(1)), which needs one noise draw per row
+and so lets a seeded request keep its own generator whatever else shares the batch. Truncation
+never sorts the vocabulary: the candidates are a top-k (the largest k asked for, or TOP_P_CANDIDATES
+when only top-p is), and only a row whose top-p mass lies beyond them sorts in full. Tokens and
+logprobs come back to the host in one transfer: the step's one host sync.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from chatscale.engine.messages import TokenLogprobs
 from chatscale.engine.sequence import Sequence
+
+TOP_P_CANDIDATES = 256  # top-p is decided among this many tokens unless their mass falls short of p
 
 
 def seq_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
@@ -24,55 +30,113 @@ def seq_generator(seq: Sequence, device: torch.device) -> torch.Generator | None
     return seq.rng
 
 
+def _padded(lists: list[list[int]], fill: int = 0) -> np.ndarray:
+    """Ragged id lists as one [rows, longest] array (at least one column), padded with `fill`."""
+    out = np.full((len(lists), max(1, max(map(len, lists), default=0))), fill, dtype=np.int64)
+    for i, ids in enumerate(lists):
+        out[i, :len(ids)] = ids
+    return out
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> None:
     """Logit bias, repetition penalty (prompt + output, as HF) and OpenAI presence/frequency
-    penalties (output only), in place; and EOS/stop ids banned until min_tokens is reached."""
-    vocab = logits.shape[-1]
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-        if p.needs_penalties:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
-                vals = logits[row, seen]
-                logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if out.numel():
-                counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
-                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-        if seq.num_output_tokens < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
-            if banned:
-                logits[row, banned] = float("-inf")
+    penalties (output only), in place; and EOS/stop ids banned until min_tokens is reached. Each is
+    one scatter over the rows that need it."""
+    device, vocab = logits.device, logits.shape[-1]
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
+    biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+    if biased:
+        ids = _padded([list(seqs[i].params.logit_bias) for i in biased])
+        vals = np.zeros(ids.shape, dtype=np.float32)
+        for r, i in enumerate(biased):
+            bias = list(seqs[i].params.logit_bias.values())
+            vals[r, :len(bias)] = bias
+        rows = tensor(np.array(biased))
+        logits[rows] = logits[rows].scatter_add(1, tensor(ids), tensor(vals).to(logits.dtype))
+    rep = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+    if rep:
+        rows = tensor(np.array(rep))
+        seen = torch.zeros(len(rep), vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, tensor(_padded([seqs[i].token_ids for i in rep], seqs[rep[0]].token_ids[0])), True)
+        penalty = tensor(np.array([seqs[i].params.repetition_penalty for i in rep], dtype=np.float32))[:, None]
+        vals = logits[rows]
+        logits[rows] = torch.where(seen, torch.where(vals > 0, vals / penalty, vals * penalty), vals)
+    counted = [i for i, s in enumerate(seqs) if (s.params.presence_penalty or s.params.frequency_penalty)
+               and s.num_output_tokens]
+    if counted:
+        rows = tensor(np.array(counted))
+        outs = [seqs[i].output_token_ids for i in counted]
+        ones = tensor(_padded([[1] * len(o) for o in outs]).astype(np.float32)).to(logits.dtype)
+        counts = torch.zeros(len(counted), vocab, dtype=logits.dtype, device=device)
+        counts.scatter_add_(1, tensor(_padded(outs)), ones)
+        freq = tensor(np.array([seqs[i].params.frequency_penalty for i in counted], dtype=np.float32))[:, None]
+        pres = tensor(np.array([seqs[i].params.presence_penalty for i in counted], dtype=np.float32))[:, None]
+        logits[rows] -= freq.to(logits.dtype) * counts + pres.to(logits.dtype) * (counts > 0).to(logits.dtype)
+    banned = [(i, list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else sorted(eos_token_ids)))
+              for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    banned = [(i, ids) for i, ids in banned if ids]
+    if banned:
+        ids = _padded([ids for _, ids in banned], -1)
+        rows, cols = np.nonzero(ids >= 0)
+        logits[tensor(np.array([i for i, _ in banned])[rows]), tensor(ids[rows, cols])] = float("-inf")
 
 
-def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask everything outside each row's top-k, nucleus (top-p) and min-p set to -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+def candidates(top_ks: list[int], vocab: int) -> int:
+    """How many of each row's largest logits truncation looks at: the largest top-k asked for, or
+    TOP_P_CANDIDATES when some row has none (decided on the host, from the parameters)."""
+    if all(k > 0 for k in top_ks):
+        return min(vocab, max(top_ks))
+    return min(vocab, max(TOP_P_CANDIDATES, *top_ks))
+
+
+def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+             width: int | None = None) -> torch.Tensor:
+    """Mask everything outside each row's top-k, nucleus (top-p) and min-p set to -inf, without
+    sorting the vocabulary: candidates are the row's `width` largest logits (see `candidates`); a
+    row whose top-p mass reaches past them falls back to a full sort (checking for one is this
+    function's only read of a device value, and only top-p needs it)."""
     vocab = logits.shape[-1]
-    ranks = torch.arange(vocab, device=logits.device)
     k = torch.where(top_k > 0, top_k, vocab)
+    width = width or candidates(top_k.tolist(), vocab)
+    probs = logits.softmax(dim=-1)
+    cand_logits, cand = logits.topk(width, dim=-1)  # sorted, descending
+    cand_probs = probs.gather(1, cand)
+    ranks = torch.arange(width, device=logits.device)
     drop = ranks[None, :] >= k[:, None]
+    drop |= (cand_probs.cumsum(dim=-1) - cand_probs) > top_p[:, None]  # the token crossing p stays
+    drop |= cand_probs < min_p[:, None] * cand_probs[:, :1]
+    drop[:, 0] = False
+    out = torch.full_like(logits, float("-inf")).scatter_(1, cand, cand_logits.masked_fill(drop, float("-inf")))
+    if width == vocab:
+        return out
+    short = (k > width) & (cand_probs.sum(dim=-1) < top_p)  # the nucleus reaches past the candidates
+    if bool(short.any()):
+        rows = short.nonzero().flatten()
+        out[rows] = _truncate_sorted(logits[rows], k[rows], top_p[rows], min_p[rows])
+    return out
+
+
+def _truncate_sorted(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """The same truncation by a full sort (the rare rows whose nucleus is wider than the candidates)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
-    drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # the token crossing p stays
+    drop = torch.arange(logits.shape[-1], device=logits.device)[None, :] >= k[:, None]
+    drop |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]
     drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
 def _tempered(logits: torch.Tensor, ps: list) -> torch.Tensor:
     """Rows divided by their temperature and truncated to their top-k / top-p / min-p sets."""
     x = logits / torch.tensor([p.temperature for p in ps], device=logits.device)[:, None]
     if any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
-        x = truncate(
-            x,
-            torch.tensor([min(p.top_k, x.shape[-1]) for p in ps], device=x.device),
-            torch.tensor([p.top_p for p in ps], device=x.device),
-            torch.tensor([p.min_p for p in ps], device=x.device),
-        )
+        top_ks = [min(p.top_k, x.shape[-1]) for p in ps]
+        x = truncate(x, torch.tensor(top_ks, device=x.device), torch.tensor([p.top_p for p in ps], device=x.device),
+                     torch.tensor([p.min_p for p in ps], device=x.device), candidates(top_ks, x.shape[-1]))
     return x
 
 
@@ -100,8 +164,10 @@ class Sampler:
             rows = torch.tensor(sampled_rows, device=logits.device)
             probs = _tempered(logits[rows], [seqs[i].params for i in sampled_rows]).softmax(dim=-1)
             tokens[rows] = exponential_race(probs, [seqs[i] for i in sampled_rows])
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw, seqs, token_list)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not want:
+            return tokens.tolist(), [None] * len(seqs)
+        return self._with_logprobs(raw, tokens, seqs, want)
 
     def distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Each row's sampling distribution (bias, penalties, temperature, truncation applied);
@@ -122,17 +188,24 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:
-        """Log-probabilities of the model's own distribution (before penalties and temperature)."""
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        result: list[TokenLogprobs | None] = [None] * len(seqs)
-        if not want:
-            return result
-        lp = raw[want].log_softmax(dim=-1)
-        k = max(seqs[i].params.logprobs for i in want)
-        top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
+    def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
+                       want: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Tokens, and for the rows that asked, the log-probability of the model's own distribution
+        (before penalties and temperature) of the sampled token and the top k: one host transfer."""
+        rows = torch.tensor(want, device=raw.device)
+        lp = raw[rows].log_softmax(dim=-1)
+        k = max(1, max(seqs[i].params.logprobs for i in want))
+        top_vals, top_ids = lp.topk(k, dim=-1)
+        chosen = lp.gather(1, tokens[rows][:, None])
+        # Token ids are exact in float64, so one tensor carries everything back.
+        packed = torch.cat([tokens.double(), chosen.double().flatten(), top_ids.double().flatten(),
+                            top_vals.double().flatten()]).tolist()
+        n, w = len(seqs), len(want)
+        token_list = [int(t) for t in packed[:n]]
+        chosen_lp, ids, vals = packed[n:n + w], packed[n + w:n + w + w * k], packed[n + w + w * k:]
+        result: list[TokenLogprobs | None] = [None] * n
         for j, i in enumerate(want):
             kk = seqs[i].params.logprobs
-            top = list(zip(top_ids[j, :kk].tolist(), top_vals[j, :kk].tolist()))
-            result[i] = TokenLogprobs(tokens[i], float(lp[j, tokens[i]]), top)
-        return result
+            top = [(int(t), v) for t, v in zip(ids[j * k:j * k + kk], vals[j * k:j * k + kk])]
+            result[i] = TokenLogprobs(token_list[i], chosen_lp[j], top)
+        return token_list, result

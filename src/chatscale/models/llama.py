@@ -92,9 +92,10 @@ class LlamaForCausalLM(nn.Module):
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def expert_tokens(self) -> list[list[int]] | None:
-        """Tokens each expert got in the last forward, per MoE layer (the 'expert batch size')."""
+        """Tokens each expert got in the last forward, per MoE layer (the 'expert batch size'):
+        read once the step's tokens are (so this waits for nothing)."""
         moe = [layer.mlp.last_tokens_per_expert for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
-        return moe or None
+        return torch.stack(moe).tolist() if moe else None
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -74,10 +74,16 @@ def resolve_dtype(cfg: ModelConfig, requested: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> LlamaForCausalLM:
+def model_dir(path: str | Path) -> Path:
+    """`path` as a model directory, or a clear error naming it."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    return path
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> LlamaForCausalLM:
+    path = model_dir(path)
     cfg = ModelConfig.from_dir(path)
     model = LlamaForCausalLM(cfg, resolve_dtype(cfg, dtype), torch.device(device))
     model.load_weights(iter_weights(path))

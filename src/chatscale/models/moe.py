@@ -1,8 +1,10 @@
 """Sparse Mixture-of-Experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
-Each token is routed to its top-k experts. Tokens are grouped by expert (one sort), so each
-expert runs one matmul over all of its tokens: the seeds' "expert batch size" is exactly the
-number of rows each of those matmuls gets, recorded per step in `last_tokens_per_expert`.
+Each token is routed to its top-k experts. Tokens are grouped by expert (one sort) and every
+expert's matmul runs in one grouped matmul (`torch._grouped_mm`, offsets from a bincount): no
+per-expert loop and nothing read back to the host, so a step stays one graph with one sync. The
+seeds' "expert batch size" is exactly the rows each expert's group gets, kept per step as a
+tensor in `last_tokens_per_expert` (read after the step's sync).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class SparseMoE(nn.Module):
         shared = cfg.shared_expert_intermediate_size
         self.shared = DenseMLP(h, shared, dtype) if shared else None
         self.shared_gate = param(1, h, dtype=dtype) if shared else None
-        self.last_tokens_per_expert: list[int] = [0] * e
+        self.last_tokens_per_expert = torch.zeros(e, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.linear(x, self.router).softmax(dim=-1, dtype=torch.float32)
@@ -40,19 +42,14 @@ class SparseMoE(nn.Module):
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         token_of = order // self.top_k  # which token each sorted assignment belongs to
-        counts = torch.bincount(flat, minlength=self.router.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.router.shape[0])
         self.last_tokens_per_expert = counts
         rows = x[token_of]
         scale = weights.flatten()[order, None]
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):  # a loop over experts, each a batched matmul over its tokens
-            if n == 0:
-                continue
-            seg = slice(start, start + n)
-            gate, up = F.linear(rows[seg], self.gate_up[e]).chunk(2, dim=-1)
-            out.index_add_(0, token_of[seg], F.linear(F.silu(gate) * up, self.down[e]) * scale[seg])
-            start += n
+        ends = counts.cumsum(0).to(torch.int32)  # each expert's rows end here in `rows`
+        gate, up = torch._grouped_mm(rows, self.gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+        expert_out = torch._grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=ends)
+        out = torch.zeros_like(x).index_add_(0, token_of, expert_out * scale)
         if self.shared is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
         return out
