@@ -41,8 +41,7 @@ def test_n_choices_are_independent_and_seeded(llm):
 
 def test_truncation_masks():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]] * 3))
-    out = truncate(logits, top_k=torch.tensor([2, 0, 0]), top_p=torch.tensor([1.0, 0.8, 1.0]),
-                   min_p=torch.tensor([0.0, 0.0, 0.25]))
+    out = truncate(logits, top_k=[2, 0, 0], top_p=[1.0, 0.8, 1.0], min_p=[0.0, 0.0, 0.25])
     kept = torch.isfinite(out)
     assert kept[0].tolist() == [True, True, False, False, False]  # top-2
     assert kept[1].tolist() == [True, True, True, False, False]  # 0.5+0.2 < 0.8: the crossing token stays
@@ -61,7 +60,7 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1])
     logits = probs.log().repeat(4000, 1)
     seqs = [Sequence("r", [0], SamplingParams(temperature=1.0)) for _ in range(4000)]
-    tokens, _ = Sampler(frozenset())(logits, seqs)
+    tokens, _, _ = Sampler(frozenset())(logits, seqs)
     freq = torch.bincount(torch.tensor(tokens), minlength=3).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
 
@@ -149,7 +148,7 @@ def test_truncation_without_a_full_sort_equals_the_sorted_reference():
     top_p = torch.where(torch.rand(64, generator=g) < 0.7, torch.rand(64, generator=g) * 0.99 + 0.01,
                         torch.ones(64))
     min_p = torch.where(torch.rand(64, generator=g) < 0.3, torch.rand(64, generator=g) * 0.2, torch.zeros(64))
-    ours = torch.isfinite(truncate(logits, top_k, top_p, min_p))
+    ours = torch.isfinite(truncate(logits, top_k.tolist(), top_p.tolist(), min_p.tolist()))
     ref = torch.isfinite(_truncate_sorted(logits, torch.where(top_k > 0, top_k, vocab), top_p, min_p))
     assert torch.equal(ours, ref)
     assert (ours.sum(-1) > 256).any()  # some nucleus was wider than the candidates: the fallback ran

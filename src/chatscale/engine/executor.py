@@ -19,7 +19,7 @@ import torch
 from chatscale.engine.config import EngineConfig
 from chatscale.engine.messages import TokenLogprobs
 from chatscale.engine.runner import ModelRunner, Work, weight_bytes, works_for
-from chatscale.engine.sampler import Sampler
+from chatscale.engine.sampler import Sampler, host_tensor
 from chatscale.engine.scheduler import SchedulerOutput
 from chatscale.engine.sequence import Sequence
 from chatscale.engine.spec_decode import DraftModelProposer, NgramProposer, Proposal, verify
@@ -102,14 +102,13 @@ class InProcessExecutor:
         logits = self.runner.run(works, plan.copies)
         if masks is not None:
             self.structured.apply(logits, masks)
-        out = self._sample(works, logits, proposals)
-        out.expert_tokens = self.model.expert_tokens()
-        return out
+        return self._sample(works, logits, proposals)
 
     def _sample(self, works: list[Work], logits: torch.Tensor, proposals: dict[Sequence, Proposal]) -> ModelOutput:
         """One sampled token for a plain row; for a speculating sequence, its accepted proposals
         plus one token of the target's."""
         out = ModelOutput()
+        experts = self.model.expert_tokens()  # comes back with the plain rows' tokens
         plain_rows, plain, spec, row = [], [], [], 0
         for w in works:
             if w.num_logits > 1:
@@ -120,10 +119,12 @@ class InProcessExecutor:
             row += w.num_logits
         if plain:
             every_row = len(plain_rows) == logits.shape[0]  # then no [rows, vocab] copy
-            rows = logits if every_row else logits[torch.tensor(plain_rows, device=logits.device)]
-            tokens, logprobs = self.sampler(rows, plain)
+            rows = logits if every_row else logits[host_tensor(plain_rows, logits.device)]
+            tokens, logprobs, counts = self.sampler(rows, plain, experts)
             for seq, token, lp in zip(plain, tokens, logprobs):
                 out.tokens[seq], out.logprobs[seq] = [token], [lp]
+            if experts is not None:
+                out.expert_tokens = [counts[i:i + experts.shape[1]] for i in range(0, len(counts), experts.shape[1])]
         if spec:
             rows = torch.cat([torch.arange(r, r + n) for _, r, n in spec]).to(logits.device)
             dist = self.sampler.distribution(logits[rows], [seq for seq, _, n in spec for _ in range(n)])
@@ -132,6 +133,8 @@ class InProcessExecutor:
                 tokens = verify(dist[at:at + n], proposals[seq], seq)
                 at += n
                 out.tokens[seq], out.logprobs[seq], out.proposed[seq] = tokens, [None] * len(tokens), n - 1
+        if experts is not None and out.expert_tokens is None:  # a step of speculative rows only
+            out.expert_tokens = experts.tolist()
         return out
 
     def shutdown(self) -> None:

@@ -20,6 +20,12 @@ from chatscale.engine.sequence import Sequence
 TOP_P_CANDIDATES = 256  # top-p is decided among this many tokens unless their mass falls short of p
 
 
+def host_tensor(values: list | np.ndarray, device: torch.device, dtype: np.dtype | type = np.int64) -> torch.Tensor:
+    """Small per-step values (rows, temperatures) as a tensor on `device`, copied without blocking:
+    `torch.tensor(list, device=cuda)` would wait for the device, a host sync in the middle of a step."""
+    return torch.from_numpy(np.asarray(values, dtype=dtype)).to(device, non_blocking=True)
+
+
 def seq_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
     if seq.params.seed is None:
         return None
@@ -84,38 +90,32 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: f
         logits[tensor(np.array([i for i, _ in banned])[rows]), tensor(ids[rows, cols])] = float("-inf")
 
 
-def candidates(top_ks: list[int], vocab: int) -> int:
-    """How many of each row's largest logits truncation looks at: the largest top-k asked for, or
-    TOP_P_CANDIDATES when some row has none (decided on the host, from the parameters)."""
-    if all(k > 0 for k in top_ks):
-        return min(vocab, max(top_ks))
-    return min(vocab, max(TOP_P_CANDIDATES, *top_ks))
-
-
-def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-             width: int | None = None) -> torch.Tensor:
+def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
     """Mask everything outside each row's top-k, nucleus (top-p) and min-p set to -inf, without
-    sorting the vocabulary: candidates are the row's `width` largest logits (see `candidates`); a
-    row whose top-p mass reaches past them falls back to a full sort (checking for one is this
-    function's only read of a device value, and only top-p needs it)."""
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k, vocab)
-    width = width or candidates(top_k.tolist(), vocab)
+    sorting the vocabulary. The candidates are each row's largest logits: as many as the largest
+    top-k asked for, or TOP_P_CANDIDATES when some row has none. Only a row without top-k whose
+    nucleus reaches past the candidates needs a full sort; checking for one is the only device value
+    this reads, and only when such a row exists."""
+    vocab, device = logits.shape[-1], logits.device
+    top_ks = [k if 0 < k < vocab else 0 for k in top_k]
+    width = min(vocab, max(top_ks) if all(top_ks) else max(TOP_P_CANDIDATES, *top_ks))
+    k = host_tensor([kk or vocab for kk in top_ks], device)
+    p = host_tensor(top_p, device, np.float32)
     probs = logits.softmax(dim=-1)
     cand_logits, cand = logits.topk(width, dim=-1)  # sorted, descending
     cand_probs = probs.gather(1, cand)
-    ranks = torch.arange(width, device=logits.device)
+    ranks = torch.arange(width, device=device)
     drop = ranks[None, :] >= k[:, None]
-    drop |= (cand_probs.cumsum(dim=-1) - cand_probs) > top_p[:, None]  # the token crossing p stays
-    drop |= cand_probs < min_p[:, None] * cand_probs[:, :1]
+    drop |= (cand_probs.cumsum(dim=-1) - cand_probs) > p[:, None]  # the token crossing p stays
+    drop |= cand_probs < host_tensor(min_p, device, np.float32)[:, None] * cand_probs[:, :1]
     drop[:, 0] = False
     out = torch.full_like(logits, float("-inf")).scatter_(1, cand, cand_logits.masked_fill(drop, float("-inf")))
-    if width == vocab:
+    if width == vocab or not any(kk == 0 and pp < 1.0 for kk, pp in zip(top_ks, top_p)):
         return out
-    short = (k > width) & (cand_probs.sum(dim=-1) < top_p)  # the nucleus reaches past the candidates
+    short = (k > width) & (cand_probs.sum(dim=-1) < p)  # the nucleus reaches past the candidates
     if bool(short.any()):
         rows = short.nonzero().flatten()
-        out[rows] = _truncate_sorted(logits[rows], k[rows], top_p[rows], min_p[rows])
+        out[rows] = _truncate_sorted(logits[rows], k[rows], p[rows], host_tensor(min_p, device, np.float32)[rows])
     return out
 
 
@@ -132,11 +132,9 @@ def _truncate_sorted(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
 
 def _tempered(logits: torch.Tensor, ps: list) -> torch.Tensor:
     """Rows divided by their temperature and truncated to their top-k / top-p / min-p sets."""
-    x = logits / torch.tensor([p.temperature for p in ps], device=logits.device)[:, None]
+    x = logits / host_tensor([p.temperature for p in ps], logits.device, np.float32).to(logits.dtype)[:, None]
     if any(p.top_k or p.top_p < 1.0 or p.min_p > 0.0 for p in ps):
-        top_ks = [min(p.top_k, x.shape[-1]) for p in ps]
-        x = truncate(x, torch.tensor(top_ks, device=x.device), torch.tensor([p.top_p for p in ps], device=x.device),
-                     torch.tensor([p.min_p for p in ps], device=x.device), candidates(top_ks, x.shape[-1]))
+        x = truncate(x, [p.top_k for p in ps], [p.top_p for p in ps], [p.min_p for p in ps])
     return x
 
 
@@ -155,19 +153,25 @@ class Sampler:
     def __init__(self, eos_token_ids: frozenset[int]) -> None:
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], extra: torch.Tensor | None = None
+                 ) -> tuple[list[int], list[TokenLogprobs | None], list[int]]:
+        """Tokens, logprobs where asked, and `extra` (a step's other small integer results, e.g. MoE
+        expert counts) as a list: all in the step's one transfer to the host."""
         raw = logits
         logits = self._biased(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
+            rows = host_tensor(sampled_rows, logits.device)
             probs = _tempered(logits[rows], [seqs[i].params for i in sampled_rows]).softmax(dim=-1)
             tokens[rows] = exponential_race(probs, [seqs[i] for i in sampled_rows])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if extra is None:
+            extra = tokens.new_zeros(0)
         if not want:
-            return tokens.tolist(), [None] * len(seqs)
-        return self._with_logprobs(raw, tokens, seqs, want)
+            values = torch.cat([tokens, extra.flatten().to(tokens.dtype)]).tolist()
+            return values[:len(seqs)], [None] * len(seqs), values[len(seqs):]
+        return self._with_logprobs(raw, tokens, seqs, want, extra.flatten())
 
     def distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Each row's sampling distribution (bias, penalties, temperature, truncation applied);
@@ -177,7 +181,7 @@ class Sampler:
         probs.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
+            rows = host_tensor(sampled_rows, logits.device)
             probs[rows] = _tempered(logits[rows], [seqs[i].params for i in sampled_rows]).softmax(dim=-1)
         return probs
 
@@ -188,24 +192,25 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
-                       want: list[int]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence], want: list[int],
+                       extra: torch.Tensor) -> tuple[list[int], list[TokenLogprobs | None], list[int]]:
         """Tokens, and for the rows that asked, the log-probability of the model's own distribution
         (before penalties and temperature) of the sampled token and the top k: one host transfer."""
-        rows = torch.tensor(want, device=raw.device)
+        rows = host_tensor(want, raw.device)
         lp = raw[rows].log_softmax(dim=-1)
         k = max(1, max(seqs[i].params.logprobs for i in want))
         top_vals, top_ids = lp.topk(k, dim=-1)
         chosen = lp.gather(1, tokens[rows][:, None])
         # Token ids are exact in float64, so one tensor carries everything back.
         packed = torch.cat([tokens.double(), chosen.double().flatten(), top_ids.double().flatten(),
-                            top_vals.double().flatten()]).tolist()
+                            top_vals.double().flatten(), extra.double()]).tolist()
         n, w = len(seqs), len(want)
         token_list = [int(t) for t in packed[:n]]
-        chosen_lp, ids, vals = packed[n:n + w], packed[n + w:n + w + w * k], packed[n + w + w * k:]
+        chosen_lp, ids = packed[n:n + w], packed[n + w:n + w + w * k]
+        vals, rest = packed[n + w + w * k:n + w + 2 * w * k], [int(x) for x in packed[n + w + 2 * w * k:]]
         result: list[TokenLogprobs | None] = [None] * n
         for j, i in enumerate(want):
             kk = seqs[i].params.logprobs
             top = [(int(t), v) for t, v in zip(ids[j * k:j * k + kk], vals[j * k:j * k + kk])]
             result[i] = TokenLogprobs(token_list[i], chosen_lp[j], top)
-        return token_list, result
+        return token_list, result, rest

@@ -91,11 +91,11 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, kv_cache, meta)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
-    def expert_tokens(self) -> list[list[int]] | None:
-        """Tokens each expert got in the last forward, per MoE layer (the 'expert batch size'):
-        read once the step's tokens are (so this waits for nothing)."""
+    def expert_tokens(self) -> torch.Tensor | None:
+        """Tokens each expert got in the last forward, [MoE layers, experts] (the 'expert batch
+        size'); None for a dense model. A device tensor: it travels with the step's sampled tokens."""
         moe = [layer.mlp.last_tokens_per_expert for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
-        return torch.stack(moe).tolist() if moe else None
+        return torch.stack(moe) if moe else None
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

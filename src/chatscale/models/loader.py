@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 
 from chatscale.models.config import ModelConfig
+from chatscale.models.dtype_policy import compute_dtype
 from chatscale.models.llama import LlamaForCausalLM
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -67,11 +67,6 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def resolve_dtype(cfg: ModelConfig, requested: str) -> torch.dtype:
-    name = cfg.dtype if requested == "auto" else requested
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose from auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def model_dir(path: str | Path) -> Path:
@@ -85,6 +80,7 @@ def model_dir(path: str | Path) -> Path:
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> LlamaForCausalLM:
     path = model_dir(path)
     cfg = ModelConfig.from_dir(path)
-    model = LlamaForCausalLM(cfg, resolve_dtype(cfg, dtype), torch.device(device))
+    device = torch.device(device)
+    model = LlamaForCausalLM(cfg, compute_dtype(dtype, cfg.dtype, device), device)
     model.load_weights(iter_weights(path))
     return model.eval()

@@ -46,7 +46,7 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] |
         logits[:, :covered].masked_fill_(banned, float("-inf"))
         logits[:, covered:] = float("-inf")
         return
-    index = torch.tensor(rows, device=logits.device)
+    index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(logits.device, non_blocking=True)
     block = logits[index]
     block[:, :covered].masked_fill_(banned, float("-inf"))
     block[:, covered:] = float("-inf")
