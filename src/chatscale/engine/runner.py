@@ -116,9 +116,14 @@ class ModelRunner:
         self._decode_graph = None
         self._compile_s = 0.0
         if config.compile:
-            self._decode_graph = torch.compile(self._decode_logits, dynamic=True)
+            if self.device.type == "cuda":  # captured: CUDA graphs replay a decode step's launches
+                for cache in self.kv_caches:
+                    torch._dynamo.mark_static_address(cache)  # written in place by the graphs
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode_graph = torch.compile(self._decode_logits, dynamic=True, mode=mode)
         log.info("attention backend %s; decode steps %s", self.backend.name,
-                 "compiled (torch.compile, dynamic batch)" if self._decode_graph else "eager")
+                 ("compiled (torch.compile, dynamic batch" + (", CUDA graphs)" if self.device.type == "cuda" else ")"))
+                 if self._decode_graph else "eager")
 
     # ---- the second KV tier ---------------------------------------------------------------------------
     def allocate_host_tier(self, num_pages: int, directory: str | None = None) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import llguidance
+from typing import TYPE_CHECKING
 
 from chatscale.engine.structured.spec import GrammarError, GrammarSpec, check
 from chatscale.engine.structured.state import GrammarState
+
+if TYPE_CHECKING:
+    import llguidance
 
 
 class CompiledGrammar:
@@ -45,6 +47,8 @@ class GrammarCompiler:
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
+            import llguidance  # imported where used: an engine serving no grammar never needs it
+
             self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self._vocab_size,
                                                      eos_token=self._eos)
         return self._tokenizer
@@ -64,6 +68,8 @@ class GrammarCompiler:
             return future
 
     def _build(self, spec: GrammarSpec) -> CompiledGrammar:
+        import llguidance
+
         matcher = llguidance.LLMatcher(self.tokenizer, check(spec))
         if matcher.is_error():
             raise GrammarError(matcher.get_error())

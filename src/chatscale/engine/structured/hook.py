@@ -18,7 +18,6 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import llguidance
 import torch
 
 from chatscale.engine.sequence import Sequence
@@ -40,7 +39,8 @@ class StructuredOutputs:
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int], threads: int = 2) -> None:
         self.compiler = GrammarCompiler(tokenizer_json, vocab_size, eos_token_ids)
         self.vocab_size = vocab_size
-        self._executor = llguidance.LLExecutor(threads)
+        self._threads = threads
+        self._executor = None  # llguidance's mask filler, made on first use
         self._filler = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
         self._pending: dict[str, tuple[Future[CompiledGrammar], list[Sequence]]] = {}
 
@@ -109,6 +109,10 @@ class StructuredOutputs:
             else:
                 plain.append((seq.grammar.matcher, len(logits_rows)))
             logits_rows += range(row, row + len(tokens) + 1)
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor(self._threads)
         bitmask = allocate_bitmask(len(logits_rows), self.vocab_size)
         where = (bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
         if plain:

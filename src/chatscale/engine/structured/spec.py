@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-import llguidance
-from llguidance.gbnf_to_lark import gbnf_to_lark
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar")
@@ -48,6 +46,8 @@ class GrammarSpec:
 
     def to_llguidance(self) -> str:
         """llguidance's grammar text for this spec."""
+        import llguidance  # imported where used: an engine serving no grammar never needs it
+
         if self.kind in ("json_schema", "json_object"):
             try:
                 schema = json.loads(self.source) if self.kind == "json_schema" else {"type": "object"}
@@ -65,6 +65,8 @@ class GrammarSpec:
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
         text = self.source
         if "::=" in text:  # GBNF, as llama.cpp and vLLM's EBNF examples write it
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
             try:
                 text = gbnf_to_lark(text)
             except Exception as exc:  # the converter raises plain exceptions on syntax errors
@@ -94,6 +96,8 @@ def close_objects(schema):
 def check(spec: GrammarSpec) -> str:
     """The compiled grammar text, or GrammarError with llguidance's reason (no tokenizer needed:
     the API server calls this before a request reaches the engine)."""
+    import llguidance
+
     grammar = spec.to_llguidance()
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:

@@ -8,9 +8,10 @@ rejected ones exactly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import llguidance
+if TYPE_CHECKING:
+    import llguidance
 
 
 class GrammarState:
