@@ -43,7 +43,7 @@ def test_prefill_logits_match_transformers(checkpoint, arch):
         seq = Sequence("r", prompt, GREEDY)
         assert llm.engine.kv.allocate(seq, len(prompt))
         step = runner.prepare(works_for([(seq, len(prompt))]))
-        ours = llm.engine.model.logits(llm.engine.model(step.input_ids, step.positions, runner.kv_caches, step.meta))
+        ours = llm.engine.model.logits(runner.forward(step))
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0].float()
         assert (ours - ref).abs().max().item() <= 1e-4
@@ -92,8 +92,7 @@ def test_bfloat16_checkpoint_runs_close_to_transformers(checkpoint):
     seq = Sequence("r", prompt, GREEDY)
     llm.engine.kv.allocate(seq, len(prompt))
     step = llm.engine.runner.prepare(works_for([(seq, len(prompt))]))
-    ours = llm.engine.model.logits(llm.engine.model(step.input_ids, step.positions, llm.engine.runner.kv_caches,
-                                                    step.meta))
+    ours = llm.engine.model.logits(llm.engine.runner.forward(step))
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].float()
     scale = ref.abs().max().item()

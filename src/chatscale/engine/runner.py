@@ -84,8 +84,9 @@ class StepInputs:
 
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    meta: AttentionMetadata  # its plan: the backend's decode_plan for a step of plain decodes, else plan
     logits_rows: torch.Tensor  # in the order of the works
+    plain_decodes: bool  # every sequence computes one token: the (compiled) decode graph runs it
 
 
 class ModelRunner:
@@ -170,7 +171,9 @@ class ModelRunner:
             i = j
 
     def _tensor(self, data: list[int] | np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(data, dtype=np.int64)).to(self.device, non_blocking=True)
+        """Host ints as a tensor on the device: shared with numpy on a CPU, copied without waiting on a GPU."""
+        t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.int64))
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
 
     # ---- one step -------------------------------------------------------------------------------------
     def prepare(self, works: list[Work]) -> StepInputs:
@@ -196,44 +199,49 @@ class ModelRunner:
             pages = works[i].seq.block_table[:width]
             table[row, :len(pages)] = pages
         slots = table[seq_of_token, positions // bs] * bs + positions % bs
-        logit_counts = np.fromiter((w.num_logits for w in works), dtype=np.int64, count=b)
-        row_of_work = np.empty(b, dtype=np.int64)
-        row_of_work[order] = query_start[1:]  # one past each work's last row
-        logits_rows = np.concatenate([np.arange(end - k, end) for end, k in zip(row_of_work, logit_counts) if k]
-                                     ) if logit_counts.any() else np.zeros(0, dtype=np.int64)
+        counts = np.fromiter((w.num_logits for w in works), dtype=np.int64, count=b)
+        ends = np.empty(b, dtype=np.int64)
+        ends[order] = query_start[1:]  # one past each work's last row, in the works' order
+        # each work's last `counts` rows, in the works' order
+        logits_rows = np.repeat(ends - counts, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts,
+                                                                                           counts)
         meta = AttentionMetadata(
             backend=self.backend, slot_mapping=self._tensor(slots), block_table=self._tensor(table),
             seq_lens=self._tensor(seq_lens), query_lens=self._tensor(q_lens), num_decodes=num_decodes,
             max_decode_query=int(q_lens[:num_decodes].max()) if num_decodes else 0, block_size=bs,
             host_block_table=table, host_seq_lens=seq_lens, host_query_lens=q_lens, host_query_start=query_start)
-        meta.plan = self.backend.plan(meta)
-        return StepInputs(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows))
+        plain = num_decodes == b and tokens == b
+        meta.plan = self.backend.decode_plan(meta) if plain else self.backend.plan(meta)
+        return StepInputs(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows), plain)
 
     @torch.no_grad()  # not inference_mode: a compiled step writes into the (normal) KV-cache tensors
     def run(self, works: list[Work], copies: list[tuple[str, int, int]] = ()) -> torch.Tensor:
         """Run one forward pass (after its page moves); logits [rows, vocab] (fp32) in work order."""
         self.apply_copies(list(copies))
         step = self.prepare(works)
+        if step.plain_decodes and self._decode_graph is not None:
+            return self._compiled(step)
+        return self.model.logits(self.forward(step).index_select(0, step.logits_rows))
+
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """The model's hidden states for every token of the step, eagerly."""
+        return self.model(step.input_ids, step.positions, self.kv_caches, self._attention(step))
+
+    def _attention(self, step: StepInputs) -> AttentionMetadata | DecodeStep:
         meta = step.meta
-        if meta.num_decodes == meta.num_seqs and meta.max_decode_query == 1:
-            return self._decode(step)
-        hidden = self.model(step.input_ids, step.positions, self.kv_caches, meta)
-        return self.model.logits(hidden.index_select(0, step.logits_rows))
+        return DecodeStep(self.backend, meta.slot_mapping, meta.plan) if step.plain_decodes else meta
 
     def _decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                        step: DecodeStep, logits_rows: torch.Tensor) -> torch.Tensor:
         """A plain decode step, embedding to logits (in the works' order): what the compiled graph runs."""
         return self.model.logits(self.model(input_ids, positions, kv_caches, step).index_select(0, logits_rows))
 
-    def _decode(self, step: StepInputs) -> torch.Tensor:
-        """A step of plain decodes: one graph, compiled on first use for every batch size (logged)."""
-        meta = step.meta
-        decode = DecodeStep(self.backend, meta.slot_mapping, self.backend.decode_plan(meta))
-        if self._decode_graph is None:
-            return self._decode_logits(step.input_ids, step.positions, self.kv_caches, decode, step.logits_rows)
+    def _compiled(self, step: StepInputs) -> torch.Tensor:
+        """A step of plain decodes as one graph, compiled on first use for every batch size (logged)."""
+        decode = self._attention(step)
         first = self._compile_s == 0.0
         if first:
-            for t in (step.input_ids, step.positions, meta.slot_mapping, step.logits_rows, *decode.plan):
+            for t in (step.input_ids, step.positions, decode.slot_mapping, step.logits_rows, *decode.plan):
                 torch._dynamo.mark_dynamic(t, 0)
             start = time.monotonic()
         logits = self._decode_graph(step.input_ids, step.positions, self.kv_caches, decode, step.logits_rows)

@@ -116,7 +116,7 @@ class FlexAttention:
         return out
 
     def decode_plan(self, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
-        return meta.plan
+        return self.plan(meta)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: tuple[torch.Tensor, ...],
                scale: float) -> torch.Tensor:
