@@ -17,11 +17,12 @@ BACKENDS = ("torch", "flex")
 
 def make_backend(name: str, device: torch.device, num_kv_slots: int, block_size: int,
                  sliding_window: int | None, compile: bool = True) -> AttentionBackend:
-    """The backend `name` ("auto": flex where it applies and compiling is allowed, else torch:
-    flex is fast only compiled, and with compiling off nothing should compile)."""
+    """The backend `name`. "auto": flex on a GPU where it applies (and compiling is allowed: flex is
+    fast only compiled); torch on a CPU, where inductor's flex kernel measured slower than gathering
+    the pages (a fixed cost per call of the order of the whole decode attention; docs/benchmarks.md)."""
     if name == "auto":
         flex_fits = sliding_window is None and block_size >= MAX_DECODE_QUERY
-        name = "flex" if flex_fits and compile else "torch"
+        name = "flex" if flex_fits and compile and device.type == "cuda" else "torch"
     if name == "torch":
         from chatscale.models.attention.torch_ref import TorchAttention
 
