@@ -125,6 +125,9 @@ ERRORS = [
     ({"messages": USER, "max_tokens": 10_000}, 400, "messages", "context_length_exceeded"),
     ({"messages": USER, "model": "gpt-4o"}, 404, "model", "model_not_found"),
     ({}, 400, "messages", "missing_required_parameter"),
+    ({"messages": USER, "temprature": 0.5}, 400, "temprature", "unknown_parameter"),  # a typo is not ignored
+    ({"messages": USER, "stream": True, "stream_options": {"usage": True}}, 400, "stream_options.usage",
+     "unknown_parameter"),
 ]
 
 
@@ -135,6 +138,17 @@ def test_chat_errors_have_openai_shape(client, body, status, param, code):
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+def test_a_response_message_echoed_into_the_history_is_accepted(client):
+    """The openai client's message objects carry refusal/annotations/audio/function_call; agents append
+    them to the history as they are, so those (null, or citations) must not be unknown fields."""
+    first = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4}).json()
+    echoed = first["choices"][0]["message"] | {"refusal": None, "annotations": [], "audio": None,
+                                               "function_call": None}
+    body = {"messages": USER + [echoed, {"role": "user", "content": "more"}], "max_tokens": 4,
+            "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
 def test_context_length_error_uses_openai_wording(client):

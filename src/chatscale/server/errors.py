@@ -92,6 +92,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if err["type"] == "missing":
         return APIError(400, f"Missing required parameter: '{param or 'body'}'.", param=param,
                         code="missing_required_parameter")
+    if err["type"] == "extra_forbidden":  # OpenAI's words for a field it does not define
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter")
     where = f"Invalid value for '{param}'" if param else "Invalid request body"
     return APIError(400, f"{where}: {err['msg']}.", param=param)
 

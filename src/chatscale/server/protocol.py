@@ -3,7 +3,8 @@
 Requests are strict (no "1" for 1) with OpenAI's ranges, so a bad field is a 400 naming it before
 anything reaches the engine. Fields OpenAI defines that we cannot honour are modelled and refused
 with a 400 (`unsupported_fields`); a few are accepted and ignored on purpose (README lists them);
-fields nobody defines are ignored, as vLLM does.
+a field nobody defines is refused as OpenAI refuses it ("Unrecognized request argument supplied"),
+never silently ignored.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ Stop = Annotated[Text, StringConstraints(max_length=MAX_STOP_CHARS)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted and ignored: no padding is added to chunks
 
 
 class ContentPart(_Strict):
@@ -88,6 +90,13 @@ class ChatMessage(_Strict):
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: Text | None = None  # a tool message: the call it answers
+    # What a client echoes back when it appends a response's message to its history (the openai
+    # client's message objects carry these): null, or annotations (citations), ignored; anything
+    # else in them is refused by the schema.
+    refusal: None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
 
     @field_validator("content")
     @classmethod
