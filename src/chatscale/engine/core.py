@@ -58,7 +58,7 @@ class EngineCore:
         if config.kv_host_bytes and config.enable_prefix_caching:
             self._enable_second_tier()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, self.eos_token_ids)
+                                   self.max_model_len, self.eos_token_ids, config.fair_share_seqs)
         self.requests: dict[str, list[Sequence]] = {}
         self.spec_policy: SpecPolicy | None = None
         self.spec_stats: SpecDecodeStats | None = None
@@ -136,7 +136,7 @@ class EngineCore:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         arrival = req.arrival_time or time.monotonic()
         seqs = [Sequence(req.request_id, req.prompt_token_ids, req.params, index=i, arrival_time=arrival,
-                         cache_salt=req.cache_salt) for i in range(req.params.n)]
+                         cache_salt=req.cache_salt, group_id=req.group_id) for i in range(req.params.n)]
         self.requests[req.request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
