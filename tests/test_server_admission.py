@@ -99,14 +99,16 @@ def test_slow_bodies_hold_no_slot_and_time_out(server_engine):
         assert app.state.server.slots.held == 0
 
 
-def test_a_large_request_does_not_hold_back_a_small_one(checkpoint):
+@pytest.mark.parametrize("prompts", [{"prompt": "hi", "n": 128}, {"prompt": ["hi"] * 32, "n": 4}])
+def test_a_large_request_does_not_hold_back_a_small_one(checkpoint, prompts):
     """Issue 17: n=128 x 200 tokens with 20 logprobs each filled the batch (--max-num-seqs 128) and
     held an 8-token request until all 128 choices were done: 207 steps (52 s on the issue's model).
-    Beyond its fair share (--fair-share-seqs 16) the big request lends slots: 9 steps measured."""
+    Beyond its fair share (--fair-share-seqs 16) the big request lends slots: 9 steps measured. The
+    prompts of one call share one fair share, as its choices do."""
     engine = make_engine(checkpoint("llama"), num_blocks=2048)
     steps: list = []
     engine.step_listeners.append(steps.append)
-    big = {"prompt": "hi", "n": 128, "max_tokens": 200, "ignore_eos": True, "logprobs": 20, "stream": True}
+    big = {**prompts, "max_tokens": 200, "ignore_eos": True, "logprobs": 20, "stream": True}
     try:
         with running(api(engine)) as url, httpx.Client(base_url=url, timeout=120) as c:
             with c.stream("POST", "/v1/completions", json=big) as r:
