@@ -213,7 +213,8 @@ def test_pages_running_out_preempt_the_request_over_its_share_not_the_newest_seq
             sched.add(seq)
         step(sched)  # five prompts of one page each; every decode now needs a second page, two are free
         out = sched.schedule()
-        return ([f"{s.request_id}{s.index}" for s, _ in out.scheduled], [f"{s.request_id}{s.index}" for s in out.preempted])
+        names = [f"{s.request_id}{s.index}" for s, _ in out.scheduled]
+        return names, [f"{s.request_id}{s.index}" for s in out.preempted]
 
     assert run(None) == (["big0", "big1", "big2"], ["small0", "big3"])  # FCFS: the newest goes first
     # big2 was scheduled already when small0 needed its page: it is taken out of the step again

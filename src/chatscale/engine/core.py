@@ -23,6 +23,7 @@ from chatscale.engine.executor import ModelOutput, make_executor
 from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.kv_tier import HostTier
 from chatscale.engine.messages import AddRequest, EngineInfo, EngineSnapshot, SeqDelta, StepResult, StepStats
+from chatscale.engine.native_memory import bound_matmul_kernel_caches
 from chatscale.engine.runner import kv_bytes_per_block, weight_bytes
 from chatscale.engine.scheduler import Scheduler, SchedulerOutput
 from chatscale.engine.sequence import Sequence
@@ -38,6 +39,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, num_blocks: int | None = None) -> None:
         import torch
 
+        bound_matmul_kernel_caches()  # before the first matmul (the dtype probe, the peaks, the model)
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
