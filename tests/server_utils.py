@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -60,8 +61,9 @@ def running(app: FastAPI) -> Iterator[str]:
 def cli_server(args: list[str], output=subprocess.DEVNULL, timeout: float = 90) -> tuple[subprocess.Popen, str]:
     """`chatscale ARGS --port P` in its own process on a free port, once its /health answers 200."""
     port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # tests' executors importable
     proc = subprocess.Popen([sys.executable, "-m", "chatscale.cli", *args, "--port", str(port)], stdout=output,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:

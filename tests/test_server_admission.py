@@ -3,6 +3,7 @@ admission by sequences rather than HTTP requests (429), and slow bodies that hol
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -96,3 +97,30 @@ def test_slow_bodies_hold_no_slot_and_time_out(server_engine):
             for sock in slow:
                 sock.close()
         assert app.state.server.slots.held == 0
+
+
+@pytest.mark.parametrize("prompts", [{"prompt": "hi", "n": 128}, {"prompt": ["hi"] * 32, "n": 4}])
+def test_a_large_request_does_not_hold_back_a_small_one(checkpoint, prompts):
+    """Issue 17: n=128 x 200 tokens with 20 logprobs each filled the batch (--max-num-seqs 128) and
+    held an 8-token request until all 128 choices were done: 207 steps (52 s on the issue's model).
+    Beyond its fair share (--fair-share-seqs 16) the big request lends slots: 9 steps measured. The
+    prompts of one call share one fair share, as its choices do."""
+    engine = make_engine(checkpoint("llama"), num_blocks=2048)
+    steps: list = []
+    engine.step_listeners.append(steps.append)
+    big = {**prompts, "max_tokens": 200, "ignore_eos": True, "logprobs": 20, "stream": True}
+    try:
+        with running(api(engine)) as url, httpx.Client(base_url=url, timeout=120) as c:
+            with c.stream("POST", "/v1/completions", json=big) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")  # the big request runs
+                before = len(steps)
+                small = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8, "ignore_eos": True})
+                waited = len(steps) - before
+                assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 8
+                ends = [c["finish_reason"] for line in lines if line.startswith("data: {")
+                        for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+            assert waited <= 20, waited  # 8 of its own, one to take a slot back, a few for the reader's lag
+            assert ends == ["length"] * 128  # the preempted choice recomputed and finished too
+    finally:
+        engine.shutdown()

@@ -60,8 +60,10 @@ def _post_and_give_up(url: str, outcome: list[BaseException]) -> None:
 
 
 def _serve(checkpoint, log, drain_timeout: float) -> tuple[subprocess.Popen, str]:
+    # A short drain must find the requests still running: 20 ms steps make them last ~10 s.
+    slow = ["--executor", "fault_executors:SlowExecutor"] if drain_timeout < 5 else []
     return cli_server(["serve", "--model", str(checkpoint("llama")), "--threads", "1", "--kv-cache-bytes", "4MiB",
-                       "--drain-timeout", str(drain_timeout)], output=log)
+                       "--drain-timeout", str(drain_timeout), *slow], output=log)
 
 
 def _refused(url: str) -> bool:

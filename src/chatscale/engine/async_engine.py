@@ -113,9 +113,10 @@ class AsyncEngine(EngineFront):
     # ---- caller side (any asyncio loop, any thread) --------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        request_id: str | None = None, cache_salt: str | None = None,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, group_id: str = "") -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs. Leaving the iterator early (a client disconnect, a
-        cancelled task) aborts the request in the engine and frees its pages."""
+        cancelled task) aborts the request in the engine and frees its pages. Requests with one
+        `group_id` (the prompts of one API call) share one fair share of the batch."""
         if self.error is not None:
             raise EngineDeadError(self.error)
         request_id = request_id or f"areq-{next(self._ids)}"
@@ -127,7 +128,7 @@ class AsyncEngine(EngineFront):
         with self._lock:
             self.outputs.add(request_id, ids, params, arrival)
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        self._send(AddRequest(request_id, ids, params, cache_salt, arrival))
+        self._send(AddRequest(request_id, ids, params, cache_salt, arrival, group_id))
         finished = False
         try:
             while not finished:

@@ -27,6 +27,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.25
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    fair_share_seqs: int = 16  # running sequences a request keeps while others wait; beyond, it lends
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enable_prefix_caching: bool = True
     kv_host_bytes: int = 0  # second KV tier (host memory on GPU, a disk area on CPU); 0: off
@@ -50,8 +51,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.model:
             self.model = default_model_path()
-        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if min(self.block_size, self.max_num_seqs, self.max_num_batched_tokens, self.fair_share_seqs) < 1:
+            raise ValueError("block_size, max_num_seqs, max_num_batched_tokens and fair_share_seqs must be positive")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
         if self.num_speculative_tokens < 1:
@@ -75,6 +76,10 @@ class EngineConfig:
                        help="the most of the free memory the default KV pool takes")
         p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
         p.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"].default)
+        p.add_argument("--fair-share-seqs", type=int, default=d["fair_share_seqs"].default,
+                       help="running sequences one request (its prompts x n) keeps while another waits: "
+                            "beyond this many it may fill free slots, but its newest sequences are "
+                            "preempted for any request holding fewer (--max-num-seqs: plain FCFS)")
         p.add_argument("--max-model-len", type=int, default=None)
         p.add_argument("--no-prefix-cache", dest="enable_prefix_caching", action="store_false",
                        help="recompute every prompt from scratch (prefix caching is on by default)")

@@ -22,6 +22,7 @@ from chatscale.engine.executor import ModelOutput, make_executor
 from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.kv_tier import HostTier
 from chatscale.engine.messages import AddRequest, EngineInfo, EngineSnapshot, SeqDelta, StepResult, StepStats
+from chatscale.engine.native_memory import bound_matmul_kernel_caches
 from chatscale.engine.runner import kv_bytes_per_block, weight_bytes
 from chatscale.engine.scheduler import Scheduler, SchedulerOutput
 from chatscale.engine.sequence import Sequence
@@ -39,6 +40,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, num_blocks: int | None = None) -> None:
         import torch
 
+        bound_matmul_kernel_caches()  # before the first matmul (the dtype probe, the peaks, the model)
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -62,7 +64,7 @@ class EngineCore:
         if config.kv_host_bytes and config.enable_prefix_caching:
             self._enable_second_tier()
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, self.eos_token_ids)
+                                   self.max_model_len, self.eos_token_ids, config.fair_share_seqs)
         self.requests: dict[str, list[Sequence]] = {}
         self.spec_policy: SpecPolicy | None = None
         self.spec_stats: SpecDecodeStats | None = None
@@ -140,7 +142,7 @@ class EngineCore:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         arrival = req.arrival_time or time.monotonic()
         seqs = [Sequence(req.request_id, req.prompt_token_ids, req.params, index=i, arrival_time=arrival,
-                         cache_salt=req.cache_salt) for i in range(req.params.n)]
+                         cache_salt=req.cache_salt, group_id=req.group_id) for i in range(req.params.n)]
         self.requests[req.request_id] = seqs
         if req.params.structured is not None:
             self.structured.start(req.request_id, seqs)  # scheduled once its grammar is compiled

@@ -5,8 +5,9 @@ re-runs the caller's script) and binds two ZeroMQ sockets on local IPC paths: re
 come in on one, every step's token deltas, stats and load snapshot go out on the other,
 msgpack-encoded.
 With no work the loop blocks on its input (no spinning: on two cores a spinning loop would steal the
-server's). It ignores SIGINT/SIGTERM — the server drains first, then sends Shutdown — and exits by
-itself if the server process disappears.
+server's), and after a second of that gives the heap's free pages back to the OS, as it does once a
+minute while busy (engine/native_memory.py). It ignores SIGINT/SIGTERM — the server drains first,
+then sends Shutdown — and exits by itself if the server process disappears.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import logging
 import os
 import signal
+import time
 import traceback
 
 import msgspec
@@ -24,6 +26,7 @@ from chatscale.engine.config import EngineConfig
 from chatscale.engine.messages import (
     Abort, AddRequest, Dead, Ready, Shutdown, StepResult, ToEngine, decoder, encoder,
 )
+from chatscale.engine.native_memory import RELEASE_EVERY_S, release_free_heap
 
 log = logging.getLogger("chatscale.engine")
 IDLE_POLL_MS = 1000  # how often an idle engine checks that its server is still there
@@ -64,11 +67,18 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
     send, receive = encoder().encode, decoder(ToEngine).decode
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    released, stepped = time.monotonic(), False  # when the free heap was last given back; steps since
     while True:
         if not core.has_work():
             while not poller.poll(IDLE_POLL_MS):
                 if os.getppid() != parent_pid:
                     return  # the server is gone: nobody to serve
+                if stepped:  # idle for a second: give back what the last burst freed
+                    release_free_heap()
+                    released, stepped = time.monotonic(), False
+        elif time.monotonic() - released > RELEASE_EVERY_S:
+            release_free_heap()
+            released = time.monotonic()
         errors: dict[str, str] = {}
         applied = False
         while True:
@@ -87,6 +97,7 @@ def _loop(core, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
                 except ValueError as exc:
                     errors[command.request_id] = str(exc)
         result = core.step()
+        stepped = stepped or result is not None
         if errors or (result is None and applied):  # commands change the load: say so
             result = result or StepResult([], core.snapshot())
             result.errors = {**result.errors, **errors}

@@ -96,6 +96,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     params: SamplingParams
     cache_salt: str | None = None
     arrival_time: float = 0.0
+    group_id: str = ""  # the client request it is one prompt of (the scheduler's fair-share unit); "": itself
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):

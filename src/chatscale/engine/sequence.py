@@ -35,6 +35,9 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     index: int = 0  # which of the request's n choices
+    # The client request it belongs to (every prompt and choice of one API call; default: its own
+    # request): what the scheduler shares the batch between.
+    group_id: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     token_ids: list[int] = field(init=False)
@@ -59,6 +62,7 @@ class Sequence:
     grammar: Any = None  # structured output: a GrammarState over the output tokens, or None
 
     def __post_init__(self) -> None:
+        self.group_id = self.group_id or self.request_id
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
 

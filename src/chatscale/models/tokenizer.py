@@ -48,6 +48,7 @@ class Tokenizer:
             if t.special
         )
         self._template: jinja2.Template | None = None
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -89,6 +90,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, specials included (logprobs name every sampled and top token: thousands a
+        step at n=128 with 20 alternatives, so each is decoded once)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return text
 
     def to_json(self) -> str:
         """The tokenizer.json text (what grammar libraries build their vocabulary from)."""

@@ -55,18 +55,21 @@ def chat_completion(gen: Generation, finals: dict[int, RequestOutput], tokenizer
     return ChatCompletion(id=gen.id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage(finals))
 
 
-async def _deltas(outputs: Outputs, finals: dict[int, RequestOutput]) -> AsyncIterator[tuple[int, CompletionOutput]]:
-    """(prompt index, choice) whenever a choice has something to send; a finished choice is never
-    sent again. Keeps each prompt's latest output in `finals`, for the usage chunk."""
+async def _deltas(outputs: Outputs, finals: dict[int, RequestOutput]
+                  ) -> AsyncIterator[tuple[int, list[CompletionOutput]]]:
+    """(prompt index, its choices with something to send) per engine output; a finished choice is
+    never sent again. Keeps each prompt's latest output in `finals`, for the usage chunk. One step's
+    choices travel together so that their events leave in one write: at n=128 a write per choice
+    made the event loop, not the engine, set the pace of every stream on the server."""
     done: set[tuple[int, int]] = set()
     async with aclosing(outputs):  # closing the stream early aborts the engine requests
         async for i, out in outputs:
             finals[i] = out
-            for o in out.outputs:
-                if (i, o.index) not in done and (o.delta_text or o.delta_logprobs or o.finish_reason):
-                    if o.finish_reason:
-                        done.add((i, o.index))
-                    yield i, o
+            ready = [o for o in out.outputs
+                     if (i, o.index) not in done and (o.delta_text or o.delta_logprobs or o.finish_reason)]
+            done.update((i, o.index) for o in ready if o.finish_reason)
+            if ready:
+                yield i, ready
 
 
 async def chat_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, include_usage: bool) -> AsyncIterator[str]:
@@ -79,19 +82,24 @@ async def chat_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, i
     finals: dict[int, RequestOutput] = {}
     parsers = [ToolStream(gen.tool_parser) for _ in range(gen.n)] if gen.tool_parser else None
     async with aclosing(_deltas(outputs, finals)) as deltas:
-        async for _, o in deltas:
-            content, calls, called = o.delta_text, None, False
-            if parsers is not None:
-                content, call_deltas = parsers[o.index].feed(o.delta_text, final=o.finish_reason is not None)
-                calls = [ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
-                                       function=FunctionCallDelta(name=d.name, arguments=d.arguments if d.id is None
-                                                                  else d.arguments or ""))
-                         for d in call_deltas] or None
-                called = bool(parsers[o.index].calls)
-            logprobs = chat_logprobs(tokenizer, o.delta_logprobs)
-            if content or calls or logprobs or o.finish_reason:
-                yield chunk([ChatChunkChoice(index=o.index, delta=Delta(content=content or None, tool_calls=calls),
-                                             logprobs=logprobs, finish_reason=_finish_reason(o.finish_reason, called))])
+        async for _, ready in deltas:
+            events = []
+            for o in ready:
+                content, calls, called = o.delta_text, None, False
+                if parsers is not None:
+                    content, call_deltas = parsers[o.index].feed(o.delta_text, final=o.finish_reason is not None)
+                    calls = [ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
+                                           function=FunctionCallDelta(name=d.name, arguments=d.arguments
+                                                                      if d.id is None else d.arguments or ""))
+                             for d in call_deltas] or None
+                    called = bool(parsers[o.index].calls)
+                logprobs = chat_logprobs(tokenizer, o.delta_logprobs)
+                if content or calls or logprobs or o.finish_reason:
+                    events.append(chunk([ChatChunkChoice(
+                        index=o.index, delta=Delta(content=content or None, tool_calls=calls), logprobs=logprobs,
+                        finish_reason=_finish_reason(o.finish_reason, called))]))
+            if events:
+                yield "".join(events)
     if include_usage:
         yield chunk([], gen.usage(finals))
 
@@ -107,13 +115,17 @@ async def text_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, i
     finals: dict[int, RequestOutput] = {}
     offsets: dict[int, int] = {}
     async with aclosing(_deltas(outputs, finals)) as deltas:
-        async for i, o in deltas:
-            index = i * gen.n + o.index
-            echo = gen.echoed(i) if index not in offsets else ""  # the prompt leads a choice's first chunk
-            logprobs, offsets[index] = completion_logprobs(tokenizer, o.delta_logprobs, offsets.get(index, 0))
-            choice = CompletionChoice(index=index, text=echo + o.delta_text, logprobs=logprobs,
-                                      finish_reason=o.finish_reason)
-            yield event(Completion(id=gen.id, created=gen.created, model=gen.model, choices=[choice]), include_usage)
+        async for i, ready in deltas:
+            events = []
+            for o in ready:
+                index = i * gen.n + o.index
+                echo = gen.echoed(i) if index not in offsets else ""  # the prompt leads a choice's first chunk
+                logprobs, offsets[index] = completion_logprobs(tokenizer, o.delta_logprobs, offsets.get(index, 0))
+                choice = CompletionChoice(index=index, text=echo + o.delta_text, logprobs=logprobs,
+                                          finish_reason=o.finish_reason)
+                events.append(event(Completion(id=gen.id, created=gen.created, model=gen.model, choices=[choice]),
+                                    include_usage))
+            yield "".join(events)
     if include_usage:
         yield event(Completion(id=gen.id, created=gen.created, model=gen.model, choices=[], usage=gen.usage(finals)),
                     include_usage)

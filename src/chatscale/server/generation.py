@@ -81,7 +81,7 @@ async def outputs(engine: AsyncEngine, gen: Generation, metrics: Metrics,
     disconnect, a cancelled task) aborts every engine request behind it. When `cut` is set (the
     drain timeout ran out) they are aborted too, and every unfinished choice ends with
     finish_reason "abort" (as vLLM's do), so the client gets a complete answer rather than a reset."""
-    streams = [engine.generate(ids, p, f"{gen.id}-{i}", gen.cache_salt, gen.arrival)
+    streams = [engine.generate(ids, p, f"{gen.id}-{i}", gen.cache_salt, gen.arrival, gen.id)
                for i, (ids, p) in enumerate(zip(gen.prompts, gen.params))]
     step_times: dict[int, float] = {}  # per prompt: its previous output's step time (inter-token latency)
     latest: dict[int, RequestOutput] = {}

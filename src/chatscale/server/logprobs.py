@@ -24,10 +24,6 @@ _BYTE_LEVEL = _byte_level_alphabet()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's spelling of a raw byte
 
 
-def _text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
 def _bytes(tokenizer: Tokenizer, token_id: int, text: str) -> list[int]:
     """The token's own bytes. A token holding part of a UTF-8 character decodes to U+FFFD on its
     own; OpenAI's `bytes` field exists so clients can join such pieces, so recover them."""
@@ -41,7 +37,7 @@ def _bytes(tokenizer: Tokenizer, token_id: int, text: str) -> list[int]:
 
 
 def _top(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
-    text = _text(tokenizer, token_id)
+    text = tokenizer.token_text(token_id)
     return TopLogprob(token=text, logprob=logprob, bytes=_bytes(tokenizer, token_id, text))
 
 
@@ -60,11 +56,11 @@ def completion_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprobs] | None,
     """The legacy shape, and the text offset after these tokens (streams continue from it)."""
     if lps is None:
         return None, offset
-    tokens = [_text(tokenizer, lp.token_id) for lp in lps]
+    tokens = [tokenizer.token_text(lp.token_id) for lp in lps]
     offsets = []
     for token in tokens:
         offsets.append(offset)
         offset += len(token)
-    top = [{_text(tokenizer, i): v for i, v in lp.top} for lp in lps]
+    top = [{tokenizer.token_text(i): v for i, v in lp.top} for lp in lps]
     return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in lps], top_logprobs=top,
                               text_offset=offsets), offset

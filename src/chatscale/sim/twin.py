@@ -32,6 +32,7 @@ class TwinConfig:
     block_size: int = 16
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    fair_share_seqs: int = 16
     max_model_len: int = 1 << 20
     enable_prefix_caching: bool = True
     vocab: int = 32000
@@ -56,7 +57,8 @@ class ReplicaTwin:
     def __post_init__(self) -> None:
         c = self.config
         self.kv = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len, NO_EOS)
+        self.scheduler = Scheduler(self.kv, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len, NO_EOS,
+                                   c.fair_share_seqs)
         self.steps: list[StepRecord] = []
         self.busy_until: float | None = None  # end of the step in flight
         self._plan: SchedulerOutput | None = None
