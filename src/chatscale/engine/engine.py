@@ -82,7 +82,8 @@ class LLMEngine:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.config = config
-        self.model = load_model(config.model, config.dtype, config.device)
+        self.model = load_model(config.model, config.dtype, config.device, config.quantization,
+                                config.quant_group_size)
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.generation_defaults = GenerationDefaults.from_dir(self.model_path)
         cfg = self.model.cfg
@@ -133,9 +134,9 @@ class LLMEngine:
             # The same peaks the metrics divide by: measured once per process, or a GPU's datasheet.
             from chatscale.device_peaks import PLANNER_DTYPES, device_peaks
 
-            dtype = self.model.embed.dtype
+            dtype = self.model.dtype
             ridge = device_peaks(self.runner.device).ridge_point(PLANNER_DTYPES[dtype])
-            ridge_tokens = ridge * self.model.embed.element_size() / 2
+            ridge_tokens = ridge * self.model.dtype.itemsize / 2
         self.spec_policy = SpecPolicy(cfg.num_speculative_tokens, ridge_tokens, draft_ratio,
                                       cfg.speculative_max_batch)
         self.spec_stats = SpecDecodeStats()

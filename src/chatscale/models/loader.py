@@ -1,8 +1,10 @@
-"""Load a Hugging Face model directory: config, (sharded) safetensors and generation defaults."""
+"""Load a checkpoint: a Hugging Face directory (config, (sharded) safetensors, generation defaults) or a
+GGUF file (or a directory holding one), with dense or weight-only quantized linear layers."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +14,11 @@ import torch
 from safetensors import safe_open
 
 from chatscale.models.config import ModelConfig
+from chatscale.models.gguf.checkpoint import find_gguf, open_gguf
 from chatscale.models.llama import LlamaForCausalLM
+from chatscale.models.quant.policy import WeightFormat
+
+log = logging.getLogger("chatscale.models")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,6 +32,12 @@ class GenerationDefaults:
 
     @classmethod
     def from_dir(cls, path: Path) -> "GenerationDefaults":
+        """From generation_config.json, or a GGUF file's EOS ids (its sampling keys are llama.cpp's own)."""
+        gguf = find_gguf(path)
+        if gguf is not None:
+            from chatscale.models.gguf.tokenizer import gguf_eos_ids
+
+            return cls(gguf_eos_ids(open_gguf(gguf)))
         file = path / "generation_config.json"
         if not file.is_file():
             return cls()
@@ -68,11 +80,25 @@ def resolve_dtype(cfg: ModelConfig, requested: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> LlamaForCausalLM:
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", quantization: str | None = None,
+               group_size: int = 32) -> LlamaForCausalLM:
+    """The model at `path` (HF directory, .gguf file, or a directory holding one .gguf), with its linear
+    layers quantized at load when `quantization` is "int8" or "int4" (groups of `group_size`)."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-    cfg = ModelConfig.from_dir(path)
-    model = LlamaForCausalLM(cfg, resolve_dtype(cfg, dtype), torch.device(device))
-    model.load_weights(iter_weights(path))
+    gguf = find_gguf(path)
+    if gguf is None and not path.is_dir():
+        what = "file" if path.suffix == ".gguf" or path.is_file() else "directory"
+        raise FileNotFoundError(f"model {what} {str(path)!r} does not exist" if not path.exists() else
+                                f"{str(path)!r} is neither a GGUF file nor a model directory")
+    if gguf is not None:
+        checkpoint = open_gguf(gguf)
+        cfg = ModelConfig.from_dict(checkpoint.hf_config)
+        weights = ((name, checkpoint.get(name)) for name in checkpoint.names())
+    else:
+        cfg = ModelConfig.from_dir(path)
+        weights = iter_weights(path)
+    torch_dtype = resolve_dtype(cfg, dtype)
+    model = LlamaForCausalLM(cfg, torch_dtype, torch.device(device))
+    model.load_weights(weights, WeightFormat(torch_dtype, torch.device(device), quantization, group_size))
+    log.info("%s: %.1f MiB of weights resident", path.name, model.weight_bytes() / 2**20)
     return model.eval()

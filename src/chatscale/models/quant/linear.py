@@ -1,0 +1,203 @@
+"""Linear layers over dense or weight-only quantized weights (qkv, o, gate_up, down, the LM head).
+
+A decode step reads every weight once, so at small batches weight bytes set the speed: torch's
+weight-only kernels read int8 (one scale per output channel) or int4 (groups of 32-256 inputs with a
+scale and a zero each) instead of fp32. They are fast with bf16 activations only (fp32 ones fall onto
+a path 10-26x slower), so activations are cast to bf16 around the call. Past `kernel_max_tokens`
+tokens the kernels lose to a dense matmul: there a layer dequantizes its weights into a scratch
+buffer shared by all layers (one layer at a time) and runs the dense matmul in the activations'
+dtype.
+
+The modules trace under torch.compile(fullgraph=True): the branch on the token count is a shape
+guard, and compiled code dequantizes without the scratch buffer (inductor plans its own memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatscale.models.quant import int4_layout
+from chatscale.models.quant.weight import QuantizedWeight
+
+# Tokens per matmul up to which the weight-only kernel beats dequantize + dense matmul, measured on
+# SmolLM2-135M's shapes with 2 threads (benchmarks/quant_kernels.py, docs/benchmarks.md).
+KERNEL_MAX_TOKENS = {"int8": 64, "int4": 64}
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    """Weights as frozen parameters, so `model.parameters()` counts every resident byte."""
+    return nn.Parameter(t, requires_grad=False)
+
+
+class _Scratch:
+    """One growing buffer per (device, dtype): a layer dequantized for a large batch reuses it instead
+    of allocating (and page-faulting) a fresh matrix for every layer of every step."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        buf = self._buffers.get((device, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
+SCRATCH = _Scratch()
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) for x [T, in_features]; subclasses hold W in one format."""
+
+    kind = "dense"
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.bias = None if bias is None else _param(bias)
+
+    @property
+    def num_weights(self) -> int:
+        """Logical parameters (weights and bias), whatever their storage."""
+        return self.out_features * self.in_features + (0 if self.bias is None else self.out_features)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights this layer computes with, as a dense [out, in] matrix."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.kind}"
+
+
+class DenseLinear(Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(weight.shape[0], weight.shape[1], bias)
+        self.weight = _param(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the matrix: an embedding table's lookup."""
+        return F.embedding(ids, self.weight).to(dtype)
+
+
+class _QuantLinear(Linear):
+    """The kernel below the threshold, dequantize + dense matmul above it."""
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__(out_features, in_features, bias)
+        self.kernel_max_tokens = KERNEL_MAX_TOKENS[self.kind]
+        self.can_dequantize = True  # a plain attribute: compiled code branches on it without tracing a call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.kernel_max_tokens or not self.can_dequantize:
+            y = self.kernel(x.to(torch.bfloat16)).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        if torch.compiler.is_compiling():
+            w = self.dense_weight(x.dtype)
+        else:
+            w = SCRATCH.get((self.out_features, self.in_features), x.dtype, x.device)
+            self.dequantize_into(w)
+        return F.linear(x, w, self.bias)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.bias_device)
+        self.dequantize_into(out)
+        return out
+
+    @property
+    def bias_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class Int8Linear(_QuantLinear):
+    """int8 weights, one bf16 scale per output channel: `_weight_int8pack_mm`."""
+
+    kind = "int8"
+
+    def __init__(self, w: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        n, k = w.shape
+        if w.bits != 8 or w.group != k or w.offset is not None:
+            raise ValueError(f"int8 kernel needs symmetric per-channel int8, got {w.source} in groups of {w.group}")
+        super().__init__(n, k, bias)
+        self.weight = _param(w.q.contiguous())
+        self.scales = _param(w.scale.reshape(n).to(torch.bfloat16))
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.weight, self.scales)
+
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        out.copy_(self.weight.float() * self.scales.float()[:, None])
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the matrix (a tied embedding's lookup), dequantized like the matmul's."""
+        return (F.embedding(ids, self.weight).float() * self.scales.float()[ids, None]).to(dtype)
+
+
+class Int4Linear(_QuantLinear):
+    """4-bit weights in groups along the input, a bf16 scale and zero per group: w = (q - 8) * s + z
+    (`_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA)."""
+
+    kind = "int4"
+
+    def __init__(self, w: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        """Packed for the kernel of the device `w` is on (the layouts differ: build it where it runs)."""
+        n, k = w.shape
+        if w.bits != 4 or w.group not in INT4_GROUPS:
+            raise ValueError(f"int4 kernel needs 4-bit weights in groups of {INT4_GROUPS}, got {w.source} "
+                             f"({w.bits}-bit, groups of {w.group})")
+        if n % 16:
+            raise ValueError(f"int4 kernel needs a multiple of 16 output rows, got {n}")
+        super().__init__(n, k, bias)
+        self.group = w.group
+        # (q - qmin) - 8 = q + (-qmin - 8), so zero = offset + (qmin + 8) * scale: 0 for Q4_0's signed
+        # values, offset + 8 * scale (rounded once to bf16) for Q4_1, Q4_K and our asymmetric int4.
+        scale = w.scale.double()
+        zero = (scale * (w.qmin + 8) + (0 if w.offset is None else w.offset.double()))
+        self.packed = _param(int4_layout.pack((w.q - w.qmin).to(torch.uint8)))
+        self.scales_zeros = _param(torch.stack([scale, zero], dim=2).transpose(0, 1).to(torch.bfloat16).contiguous())
+        self.can_dequantize = w.q.device.type == "cpu" and int4_layout.cpu_unpack_works()
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        before = self.packed.device
+        out = super()._apply(fn, recurse)
+        if self.packed.device != before:
+            raise RuntimeError("int4 weights are packed for one device's kernel; build the layer on its device")
+        return out
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.scales_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
+
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        if not self.can_dequantize:
+            raise NotImplementedError("int4 weights packed for this device cannot be unpacked here")
+        n, k, g = self.out_features, self.in_features, self.group
+        q = int4_layout.unpack_cpu(self.packed, n, k).view(n, k // g, g)
+        sz = self.scales_zeros.float()  # [K/g, N, 2]
+        w = (q.float() - 8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
+        out.copy_(w.view(n, k))
+
+
+def quantized_linear(w: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
+    """The kernel layer for a quantized weight: int4 groups, per-channel int8, or ValueError."""
+    if w.bits == 4 and w.group in INT4_GROUPS:
+        return Int4Linear(w, bias)
+    if w.bits == 8 and w.group == w.shape[1] and w.offset is None:
+        return Int8Linear(w, bias)
+    raise ValueError(f"no weight-only kernel for {w.source} ({w.bits}-bit in groups of {w.group})")
