@@ -34,7 +34,7 @@ class EngineConfig:
     ngram_prompt_lookup_max: int = 4
     ngram_prompt_lookup_min: int = 1
     speculative_max_batch: int | None = None  # None: the roofline decides per step
-    quantization: str | None = None  # "int8" | "int4": weight-only, applied at load; None: as stored
+    quantization: str | None = None  # "int8" | "int4": weight-only, at load; "dense": dequantize all; None: as stored
     quant_group_size: int = 32  # int4: inputs per scale and zero
     seed: int = 0
 
@@ -85,9 +85,10 @@ class EngineConfig:
         p.add_argument("--speculative-max-batch", type=int, default=None,
                        help="speculate only up to this many running sequences (default: where the "
                             "roofline says it pays, measured at start-up)")
-        p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+        p.add_argument("--quantization", choices=["int8", "int4", "dense"], default=None,
                        help="quantize the linear layers' weights at load (weight-only: int8 with one scale per "
-                            "output channel, int4 in groups); GGUF files keep their own quantization")
+                            "output channel, int4 in groups; GGUF files keep their own where a kernel takes it), "
+                            "or 'dense': dequantize every weight at load (GGUF files too)")
         p.add_argument("--quant-group-size", type=int, default=d["quant_group_size"].default,
                        choices=[32, 64, 128, 256], help="int4: inputs per scale and zero")
         p.add_argument("--seed", type=int, default=d["seed"].default)

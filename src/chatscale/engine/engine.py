@@ -94,6 +94,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.runner = ModelRunner(self.model, config, num_blocks)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        log.info("weights %.1f MiB; KV cache %d pages of %d tokens, %.1f MiB (what the weights leave of the budget)",
+                 weight_bytes(self.model) / 2**20, self.runner.num_blocks, config.block_size,
+                 self.runner.num_blocks * kv_bytes_per_block(self.model, config.block_size) / 2**20)
         self.tier_report: TierCosts | None = None
         if config.kv_host_bytes and config.enable_prefix_caching:
             self._enable_second_tier()

@@ -108,7 +108,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head.logits(hidden)
 
     def weight_bytes(self) -> int:
         """Bytes of weights resident (a tied table counted once): quantized layers at their packed size."""

@@ -93,7 +93,8 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", quant
     if gguf is not None:
         checkpoint = open_gguf(gguf)
         cfg = ModelConfig.from_dict(checkpoint.hf_config)
-        weights = ((name, checkpoint.get(name)) for name in checkpoint.names())
+        names = checkpoint.names()  # maps every tensor: an unexpected one is refused before allocating
+        weights = ((name, checkpoint.get(name)) for name in names)
     else:
         cfg = ModelConfig.from_dir(path)
         weights = iter_weights(path)

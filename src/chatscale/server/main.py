@@ -9,6 +9,7 @@ which aborts them in the engine), and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 from types import FrameType
 
@@ -31,7 +32,18 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _log_to_stderr() -> None:
+    """chatscale's own INFO lines (which model was loaded, its weights' formats and bytes, KV budget)
+    next to uvicorn's; other libraries keep their defaults."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logger = logging.getLogger("chatscale")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+
+
 def serve(args: argparse.Namespace) -> int:
+    _log_to_stderr()
     config = EngineConfig.from_args(args)
     settings = ServerSettings.from_args(args, config.model)
     failed = False

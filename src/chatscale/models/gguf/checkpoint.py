@@ -86,8 +86,6 @@ class GGUFCheckpoint:
             raise UnsupportedModelError(f"{path.name}: unsupported GGUF architecture {arch!r}; "
                                         f"supported: {', '.join(ARCHITECTURES)}")
         self.arch = arch
-        self.hf_config = self._hf_config()
-        self.tensors: dict[str, _Tensor] = {}
         for t in self.reader.tensors:
             if t.tensor_type not in blocks.SUPPORTED:
                 raise GGUFError(f"{path.name}: tensor {t.name} has type {t.tensor_type.name}, which is not "
@@ -95,7 +93,14 @@ class GGUFCheckpoint:
             block, type_size = GGML_QUANT_SIZES[t.tensor_type]
             if t.data_offset + t.n_elements // block * type_size > size or t.data.nbytes != t.n_bytes:
                 raise GGUFError(f"{path.name}: tensor {t.name} runs past the end of the file: truncated")
+
+    @functools.cached_property
+    def tensors(self) -> dict[str, "_Tensor"]:
+        """HF name -> the file's tensor (the model's; a tokenizer needs only the metadata)."""
+        self._tensors: dict[str, _Tensor] = {}
+        for t in self.reader.tensors:
             self._add(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), t.data)
+        return self._tensors
 
     def _add(self, name: str, qtype: GGMLQuantizationType, shape: tuple[int, ...], data: np.ndarray) -> None:
         base, _, suffix = name.rpartition(".")
@@ -103,7 +108,7 @@ class GGUFCheckpoint:
             raise UnsupportedModelError(f"{self.path.name}: Llama-3 rope frequency factors (rope_freqs) "
                                         "are not supported yet")
         if base in GLOBAL_NAMES:
-            self.tensors[f"{GLOBAL_NAMES[base]}.{suffix}"] = _Tensor(f"{GLOBAL_NAMES[base]}.{suffix}", qtype, shape, data)
+            self._tensors[f"{GLOBAL_NAMES[base]}.{suffix}"] = _Tensor(f"{GLOBAL_NAMES[base]}.{suffix}", qtype, shape, data)
             return
         parts = base.split(".")
         if len(parts) != 3 or parts[0] != "blk" or parts[2] not in LAYER_NAMES:
@@ -119,17 +124,18 @@ class GGUFCheckpoint:
         if "{e}" in hf:  # stacked experts [E, out, in]: one HF tensor per expert
             for e in range(shape[0]):
                 full = prefix + hf.format(e=e) + "." + suffix
-                self.tensors[full] = _Tensor(full, qtype, shape[1:], data, expert=e)
+                self._tensors[full] = _Tensor(full, qtype, shape[1:], data, expert=e)
             return
         if parts[2] == "ffn_gate_inp_shexp":
             shape = (1, *shape)  # HF stores the shared expert's gate as a [1, hidden] matrix
         full = prefix + hf + "." + suffix
-        self.tensors[full] = _Tensor(full, qtype, shape, data, heads)
+        self._tensors[full] = _Tensor(full, qtype, shape, data, heads)
 
     def _key(self, name: str, default: Any = None) -> Any:
         return self.meta.get(f"{self.arch}.{name}", default)
 
-    def _hf_config(self) -> dict[str, Any]:
+    @functools.cached_property
+    def hf_config(self) -> dict[str, Any]:
         """The file's hyper-parameters as an HF config.json dict (what ModelConfig and the planner read)."""
         arch = ARCHITECTURES[self.arch]
         experts = self._key("expert_count") or 0
@@ -172,6 +178,9 @@ class GGUFCheckpoint:
                     "norm_topk_prob": bool(self._key("expert_weights_norm", self.arch != "qwen2moe"))}
             if not cfg["intermediate_size"]:
                 cfg["intermediate_size"] = cfg["moe_intermediate_size"]
+            names = {t.name for t in self.reader.tensors}  # a layer without a router is dense (Qwen-MoE)
+            cfg["mlp_only_layers"] = [i for i in range(cfg["num_hidden_layers"])
+                                      if f"blk.{i}.ffn_gate_inp.weight" not in names]
         return cfg
 
     def type_counts(self) -> Counter[str]:
@@ -224,6 +233,5 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
 def _open(path: str, size: int, mtime_ns: int) -> GGUFCheckpoint:
     checkpoint = GGUFCheckpoint(Path(path))
     counts = ", ".join(f"{n} {k}" for k, n in checkpoint.type_counts().most_common())
-    log.info("%s: GGUF %s (%s), tensors: %s", Path(path).name, checkpoint.arch,
-             checkpoint.hf_config["architectures"][0], counts)
+    log.info("%s: GGUF %s, tensors: %s", Path(path).name, checkpoint.arch, counts)
     return checkpoint

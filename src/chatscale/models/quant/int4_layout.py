@@ -56,9 +56,29 @@ def unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return out
 
 
+def unpack_rows_cpu(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the CPU-packed [N, K/2] bytes -> [len(rows), K] uint8 values 0..15 (an embedding
+    lookup reads only these)."""
+    block, full = BLOCK, n // BLOCK
+    tail = n - full * block
+    nb, j = rows // block, rows % block
+    in_full = nb < full
+    half = block // 2
+    if SPLIT_HALVES:
+        col, high = torch.where(in_full, j % half, j // 2), torch.where(in_full, j >= half, j % 2 == 1)
+    else:
+        col, high = j // 2, j % 2 == 1
+    width = torch.where(in_full, half, max(tail, 2) // 2)
+    base = nb * k * half
+    index = base[:, None] + torch.arange(k, device=rows.device)[None, :] * width[:, None] + col[:, None]
+    return (packed.reshape(-1)[index] >> (4 * high.to(torch.uint8))[:, None]) & 15
+
+
 @functools.cache
 def cpu_unpack_works() -> bool:
     """Whether `unpack_cpu` inverts this torch build's CPU packing (full and short blocks)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (64 + 48, 64), generator=g, dtype=torch.uint8)
-    return torch.equal(unpack_cpu(pack(q), *q.shape), q)
+    rows = torch.tensor([0, 31, 32, 63, 64, 65, 111])
+    packed = pack(q)
+    return torch.equal(unpack_cpu(packed, *q.shape), q) and torch.equal(unpack_rows_cpu(packed, *q.shape, rows), q[rows])

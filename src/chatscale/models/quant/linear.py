@@ -23,7 +23,8 @@ from chatscale.models.quant.weight import QuantizedWeight
 
 # Tokens per matmul up to which the weight-only kernel beats dequantize + dense matmul, measured on
 # SmolLM2-135M's shapes with 2 threads (benchmarks/quant_kernels.py, docs/benchmarks.md).
-KERNEL_MAX_TOKENS = {"int8": 64, "int4": 64}
+KERNEL_MAX_TOKENS = {"int8": 64, "int4": 64, "int8-g32": 64}
+RESCORED = 32  # LM head logits per row recomputed exactly: the kernel's best 32
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -68,6 +69,10 @@ class Linear(nn.Module):
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights this layer computes with, as a dense [out, in] matrix."""
         raise NotImplementedError
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """As the LM head: fp32 logits."""
+        return self(x).float()
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.kind}"
@@ -114,6 +119,29 @@ class _QuantLinear(Linear):
     def dequantize_into(self, out: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows `ids` of the weights (an embedding lookup, the LM head's rescoring)."""
+        raise NotImplementedError
+
+    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.rows(ids).to(dtype)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """As the LM head: the kernel's logits, with the RESCORED best of each row recomputed in fp32.
+
+        The kernel rounds activations and its output to bf16: a logit near 25 moves by up to 1/16,
+        enough to swap near-tied tokens (it changed SmolLM2's answer to the capital of France). The
+        contenders for the top are few, so they are recomputed exactly from their rows: greedy choices
+        and top logprobs are the exact model's unless rounding pushed the best token out of the top
+        RESCORED (never seen: docs/quantization.md)."""
+        y = self(x).float()
+        if x.shape[0] > self.kernel_max_tokens:
+            return y  # dequantized weights, fp32 matmul: exact already
+        ids = y.topk(min(RESCORED, y.shape[1]), dim=1).indices.flatten().unique()
+        exact = x.float() @ self.rows(ids).t()
+        y[:, ids] = exact if self.bias is None else exact + self.bias[ids].float()
+        return y
+
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.bias_device)
         self.dequantize_into(out)
@@ -122,6 +150,30 @@ class _QuantLinear(Linear):
     @property
     def bias_device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+def _fits_fp16(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.to(torch.float16).float(), t.float()))
+
+
+def _check_rows(n: int) -> None:
+    if n % 16:
+        raise ValueError(f"int4 kernel needs a multiple of 16 output rows, got {n}")
+
+
+def _unpackable(device: torch.device) -> bool:
+    """Whether a layer packed on `device` can be dequantized for large batches (CPU layouts only)."""
+    return device.type == "cpu" and int4_layout.cpu_unpack_works()
+
+
+def _same_device_apply(self: nn.Module, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module._apply
+    """int4 weights are packed for one device's kernel: moving them would hand another kernel a layout it
+    does not read, so build the layer on the device it runs on."""
+    before = [p.device for p in self.parameters()]
+    out = nn.Module._apply(self, fn, recurse)
+    if [p.device for p in self.parameters()] != before:
+        raise RuntimeError("int4 weights are packed for one device's kernel; build the layer on its device")
+    return out
 
 
 class Int8Linear(_QuantLinear):
@@ -143,9 +195,32 @@ class Int8Linear(_QuantLinear):
     def dequantize_into(self, out: torch.Tensor) -> None:
         out.copy_(self.weight.float() * self.scales.float()[:, None])
 
-    def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `ids` of the matrix (a tied embedding's lookup), dequantized like the matmul's."""
-        return (F.embedding(ids, self.weight).float() * self.scales.float()[ids, None]).to(dtype)
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float() * self.scales.float()[ids, None]
+
+
+def _int4_tensors(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """Values 0..15 [N, K] and fp64 scale and zero [N, K/g] (w = (q - 8) * scale + zero) -> the kernel's
+    packed weights (for the device q is on) and its [K/g, N, 2] bf16 scales and zeros."""
+    sz = torch.stack([scale, zero], dim=2).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return _param(int4_layout.pack(q.to(torch.uint8))), _param(sz)
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+
+
+def _int4_values(packed: torch.Tensor, sz: torch.Tensor, n: int, k: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """fp32 weights as the kernel computes them, (q - 8) * scale + zero: all rows, or `rows`."""
+    group = k // sz.shape[0]
+    q = int4_layout.unpack_cpu(packed, n, k) if rows is None else int4_layout.unpack_rows_cpu(packed, n, k, rows)
+    sz = sz.float().transpose(0, 1)  # [N, K/g, 2]
+    if rows is not None:
+        sz = sz[rows]
+    w = (q.view(q.shape[0], k // group, group).float() - 8).mul_(sz[..., :1]).add_(sz[..., 1:])
+    return w.view(q.shape[0], k)
 
 
 class Int4Linear(_QuantLinear):
@@ -160,44 +235,76 @@ class Int4Linear(_QuantLinear):
         if w.bits != 4 or w.group not in INT4_GROUPS:
             raise ValueError(f"int4 kernel needs 4-bit weights in groups of {INT4_GROUPS}, got {w.source} "
                              f"({w.bits}-bit, groups of {w.group})")
-        if n % 16:
-            raise ValueError(f"int4 kernel needs a multiple of 16 output rows, got {n}")
+        _check_rows(n)
         super().__init__(n, k, bias)
         self.group = w.group
         # (q - qmin) - 8 = q + (-qmin - 8), so zero = offset + (qmin + 8) * scale: 0 for Q4_0's signed
         # values, offset + 8 * scale (rounded once to bf16) for Q4_1, Q4_K and our asymmetric int4.
         scale = w.scale.double()
-        zero = (scale * (w.qmin + 8) + (0 if w.offset is None else w.offset.double()))
-        self.packed = _param(int4_layout.pack((w.q - w.qmin).to(torch.uint8)))
-        self.scales_zeros = _param(torch.stack([scale, zero], dim=2).transpose(0, 1).to(torch.bfloat16).contiguous())
-        self.can_dequantize = w.q.device.type == "cpu" and int4_layout.cpu_unpack_works()
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        before = self.packed.device
-        out = super()._apply(fn, recurse)
-        if self.packed.device != before:
-            raise RuntimeError("int4 weights are packed for one device's kernel; build the layer on its device")
-        return out
+        zero = scale * (w.qmin + 8) + (0 if w.offset is None else w.offset.double())
+        self.packed, self.scales_zeros = _int4_tensors(w.q - w.qmin, scale, zero)
+        self.can_dequantize = _unpackable(w.q.device)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda":
-            return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.scales_zeros)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
+        return _int4_mm(x, self.packed, self.group, self.scales_zeros)
 
     def dequantize_into(self, out: torch.Tensor) -> None:
-        if not self.can_dequantize:
-            raise NotImplementedError("int4 weights packed for this device cannot be unpacked here")
+        out.copy_(_int4_values(self.packed, self.scales_zeros, self.out_features, self.in_features, None))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return _int4_values(self.packed, self.scales_zeros, self.out_features, self.in_features, ids)
+
+    _apply = _same_device_apply
+
+
+class Int8GroupLinear(_QuantLinear):
+    """8-bit weights with a scale per group of 32 (GGUF's Q8_0), computed exactly by the int4 kernel as
+    two halves: q = 16 * hi + lo with hi in -8..7 (scale 16d, zero 0) and lo in 0..15 (scale d, zero
+    8d). `_weight_int8pack_mm` would need one scale per output channel: requantizing Q8_0 so made 20 of
+    50 greedy answers of SmolLM2 differ from the exact model (docs/quantization.md)."""
+
+    kind = "int8-g32"
+
+    def __init__(self, w: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        n, k = w.shape
+        if w.bits != 8 or w.group not in INT4_GROUPS or w.offset is not None:
+            raise ValueError(f"int8 group kernel needs symmetric 8-bit groups of {INT4_GROUPS}, got {w.source}")
+        _check_rows(n)
+        super().__init__(n, k, bias)
+        self.group = w.group
+        q, scale = w.q.to(torch.int16), w.scale.double()
+        self.packed_hi, self.scales_zeros_hi = _int4_tensors((q >> 4) + 8, 16 * scale, torch.zeros_like(scale))
+        self.packed_lo, self.scales_zeros_lo = _int4_tensors(q & 15, scale, 8 * scale)
+        # The file's own scales (GGUF stores fp16), for exact rows: lookups and the LM head's rescoring.
+        self.scales = _param(w.scale.to(torch.float16 if _fits_fp16(w.scale) else torch.float32))
+        self.can_dequantize = _unpackable(w.q.device)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        hi = _int4_mm(x, self.packed_hi, self.group, self.scales_zeros_hi).float()
+        return hi + _int4_mm(x, self.packed_lo, self.group, self.scales_zeros_lo).float()
+
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        n, k = self.out_features, self.in_features
+        out.copy_(_int4_values(self.packed_hi, self.scales_zeros_hi, n, k, None)
+                  + _int4_values(self.packed_lo, self.scales_zeros_lo, n, k, None))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exact rows: q * d with the file's scales (the same fp32 product as llama.cpp's reference)."""
         n, k, g = self.out_features, self.in_features, self.group
-        q = int4_layout.unpack_cpu(self.packed, n, k).view(n, k // g, g)
-        sz = self.scales_zeros.float()  # [K/g, N, 2]
-        w = (q.float() - 8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
-        out.copy_(w.view(n, k))
+        hi = int4_layout.unpack_rows_cpu(self.packed_hi, n, k, ids).to(torch.int16) - 8
+        lo = int4_layout.unpack_rows_cpu(self.packed_lo, n, k, ids).to(torch.int16)
+        q = (16 * hi + lo).view(len(ids), k // g, g).float()
+        return (q * self.scales[ids].float()[..., None]).view(len(ids), k)
+
+    _apply = _same_device_apply
 
 
 def quantized_linear(w: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
     """The kernel layer for a quantized weight: int4 groups, per-channel int8, or ValueError."""
     if w.bits == 4 and w.group in INT4_GROUPS:
         return Int4Linear(w, bias)
+    if w.bits == 8 and w.group in INT4_GROUPS and w.offset is None:
+        return Int8GroupLinear(w, bias)
     if w.bits == 8 and w.group == w.shape[1] and w.offset is None:
         return Int8Linear(w, bias)
     raise ValueError(f"no weight-only kernel for {w.source} ({w.bits}-bit in groups of {w.group})")

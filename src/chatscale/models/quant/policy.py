@@ -5,13 +5,15 @@
 - GGUF matrices that a torch kernel computes directly are kept as they are: Q4_0, Q4_1 and Q4_K
   are int4 in groups of 32 (Q4_1/Q4_K's offset m becomes the kernel's zero m + 8d, rounded once
   to bf16; Q4_0's zero is exactly 0).
-- Q8_0 has one scale per 32 weights, but the int8 kernel takes one per output channel: Q8_0 is
-  requantized per channel (one more rounding, error measured in docs/quantization.md) rather than
-  dequantized, which would double its bytes and so the time every decode step spends reading it.
+- Q8_0 has one scale per 32 weights, but the int8 kernel takes one per output channel. Requantizing
+  it per channel made 20 of 50 greedy SmolLM2 answers differ (docs/quantization.md), and dequantizing
+  it doubles its bytes, so it is kept: the int4 kernel computes it exactly as two 4-bit halves
+  (Int8GroupLinear), reading 1.25 bytes per weight.
 - Q5_K and Q6_K have no torch kernel (5 and 6 bits): they are dequantized at load into the model's
   dtype, and the log states the memory that costs.
-- Embedding tables (the tied LM head included) are per-row int8 when quantized, so a lookup reads
-  one int8 row and the tied LM head is the same tensor; int4 has no cheap row lookup.
+- Embedding tables are looked up in whatever format they are kept (rows unpacked on the fly); a dense
+  table quantized at load becomes int8, not int4: the (often tied) LM head is the most sensitive matmul.
+- "dense" dequantizes everything at load, GGUF files included: the exact model, for reference.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from chatscale.models.quant.weight import QuantizedWeight, quantize_int4, quanti
 
 log = logging.getLogger("chatscale.models")
 
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4")  # and "dense": every weight dequantized at load, GGUF files too
 Weight = torch.Tensor | QuantizedWeight
 
 
@@ -41,54 +43,38 @@ class WeightFormat:
     report: dict[str, list] = field(default_factory=lambda: defaultdict(lambda: [0, "", 0]))
 
     def __post_init__(self) -> None:
-        if self.quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"unknown quantization {self.quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+        if self.quantization not in (None, "dense", *QUANTIZATIONS):
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose from dense, {', '.join(QUANTIZATIONS)}")
         if self.quantization == "int4" and self.group_size not in INT4_GROUPS:
             raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {self.group_size}")
 
     def linear(self, parts: list[Weight], bias: torch.Tensor | None = None) -> Linear:
         """One fused linear layer from its parts (q, k, v; gate, up; or a single matrix)."""
-        quantized = [p for p in parts if isinstance(p, QuantizedWeight)]
-        source = _source(parts)
         bias = None if bias is None else bias.to(device=self.device, dtype=self.dtype)
-        if len(quantized) == len(parts) and _same_format(quantized):
-            w = QuantizedWeight.cat_rows(quantized).to(self.device)
-            if w.bits == 8 and w.group != w.shape[1]:
-                layer = self._per_channel_int8(w, bias)
-            elif w.bits == 4 and w.shape[0] % 16 == 0:
-                layer = quantized_linear(w, bias)
-            else:
-                layer = self._from_dense(w.dequantize(), bias)
-        else:
-            dense = torch.cat([p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts])
-            layer = self._from_dense(dense, bias)
-        return self._record(source, layer)
+        quantized = [p for p in parts if isinstance(p, QuantizedWeight)]
+        if self.quantization != "dense" and len(quantized) == len(parts) and _same_format(quantized):
+            w = QuantizedWeight.cat_rows(quantized)
+            if _has_kernel(w):
+                return self._record(parts, quantized_linear(w.to(self.device), bias))
+        dense = torch.cat([p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts])
+        if self.quantization == "int8":
+            return self._record(parts, Int8Linear(quantize_int8(dense).to(self.device), bias))
+        if self.quantization == "int4" and dense.shape[0] % 16 == 0:
+            return self._record(parts, quantized_linear(quantize_int4(dense, self.group_size).to(self.device), bias))
+        return self._record(parts, DenseLinear(dense.to(device=self.device, dtype=self.dtype), bias))
 
     def embedding(self, weight: Weight) -> Linear:
-        """An embedding table (and a tied LM head): dense, or per-row int8 when quantized."""
-        source = _source([weight])
-        if isinstance(weight, QuantizedWeight):
-            layer = self._per_channel_int8(weight, None)
-        elif self.quantization:
-            layer = Int8Linear(quantize_int8(weight).to(self.device))
-        else:
-            layer = DenseLinear(weight.to(device=self.device, dtype=self.dtype))
-        return self._record(source, layer)
+        """An embedding table (and a tied LM head): as a linear layer, but int8 rather than int4 when a
+        dense one is quantized (a row lookup reads it too, and the LM head is the most sensitive matmul)."""
+        if isinstance(weight, torch.Tensor) and self.quantization in QUANTIZATIONS:
+            return self._record([weight], Int8Linear(quantize_int8(weight).to(self.device)))
+        return self.linear([weight])
 
-    def _from_dense(self, w: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        if self.quantization == "int8":
-            return Int8Linear(quantize_int8(w).to(self.device), bias)
-        if self.quantization == "int4" and w.shape[0] % 16 == 0:
-            return quantized_linear(quantize_int4(w, self.group_size).to(self.device), bias)
-        return DenseLinear(w.to(device=self.device, dtype=self.dtype), bias)
-
-    def _per_channel_int8(self, w: QuantizedWeight, bias: torch.Tensor | None) -> Linear:
-        return Int8Linear(quantize_int8(w.dequantize()).to(self.device), bias)
-
-    def _record(self, source: str, layer: Linear) -> Linear:
+    def _record(self, parts: list[Weight], layer: Linear) -> Linear:
+        source = _source(parts)
         entry = self.report[source]
         entry[0] += 1
-        entry[1] = _describe(source, layer, self.group_size)
+        entry[1] = _describe(source, layer)
         entry[2] += sum(p.numel() * p.element_size() for p in layer.parameters())
         return layer
 
@@ -103,17 +89,24 @@ def _source(parts: list[Weight]) -> str:
     return "+".join(names)
 
 
+def _has_kernel(w: QuantizedWeight) -> bool:
+    """4-bit and 8-bit groups the int4 kernel takes (Q4_0, Q4_1, Q4_K, Q8_0), or per-channel int8."""
+    groups = w.group in INT4_GROUPS and w.shape[0] % 16 == 0 and (w.bits == 4 or (w.bits == 8 and w.offset is None))
+    return groups or (w.bits == 8 and w.group == w.shape[1] and w.offset is None)
+
+
 def _same_format(parts: list[QuantizedWeight]) -> bool:
     first = parts[0]
     return all((p.bits, p.group, p.offset is None) == (first.bits, first.group, first.offset is None) for p in parts)
 
 
-def _describe(source: str, layer: Linear, group: int) -> str:
+def _describe(source: str, layer: Linear) -> str:
     if isinstance(layer, DenseLinear):
-        return f"dense {str(layer.weight.dtype).removeprefix('torch.')}" + (
-            " (dequantized at load: no torch kernel for this type)" if source.startswith(("Q5", "Q6")) else "")
+        dtype = str(layer.weight.dtype).removeprefix("torch.")
+        return f"dense {dtype}" + (" (dequantized at load: no torch kernel for this type)"
+                                   if source.startswith(("Q5", "Q6")) else "")
     if layer.kind == "int4":
         return f"kept int4 (weight-only kernel, groups of {layer.group})"
-    if source.startswith("Q8"):
-        return "requantized to int8 with one scale per output channel (weight-only kernel)"
+    if layer.kind == "int8-g32":
+        return f"kept 8-bit in groups of {layer.group} (the int4 kernel on its two halves)"
     return "int8, one scale per output channel (weight-only kernel)"
