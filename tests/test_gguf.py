@@ -13,11 +13,9 @@ from checkpoints import CORPUS
 from gguf import GGML_QUANT_SIZES, GGUFWriter, quants
 from gguf import GGMLQuantizationType as T
 from gguf_files import hf_from_gguf, write_gguf
+from logits import prefill_logits
 
 from chatscale.engine.llm import LLM
-from chatscale.engine.runner import works_for
-from chatscale.engine.sampling_params import SamplingParams
-from chatscale.engine.sequence import Sequence
 from chatscale.models import llama
 from chatscale.models.config import UnsupportedModelError
 from chatscale.models.gguf import blocks
@@ -90,16 +88,6 @@ def gguf_of(checkpoint, tmp_path_factory):
         return cache[arch, qtype]
 
     return get
-
-
-def prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    seq = Sequence("r", prompt, SamplingParams(max_tokens=1))
-    assert llm.engine.kv.allocate(seq, len(prompt))
-    ids, pos, meta, _ = llm.engine.runner.prepare(works_for([(seq, len(prompt))]))
-    model = llm.engine.model
-    out = model.logits(model(ids, pos, llm.engine.runner.kv_caches, meta))
-    llm.engine.kv.free(seq)
-    return out
 
 
 PROMPT = [5, 17, 42, 99, 3, 7, 250, 11, 64, 128, 1, 9]

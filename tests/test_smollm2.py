@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from logits import prefill_logits
 
 from chatscale.bench.launch import free_port, running
 from chatscale.engine.llm import LLM
-from chatscale.engine.runner import works_for
 from chatscale.engine.sampling_params import SamplingParams
-from chatscale.engine.sequence import Sequence
 from chatscale.models import packaged
 from chatscale.models.packaged import resolve_model
 
@@ -79,16 +78,6 @@ def test_chat_template_is_transformers(llm, smollm2_hf_tokenizer):
                 chat, tokenize=True, add_generation_prompt=gen, return_dict=False)
 
 
-def _prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    seq = Sequence("r", ids, SamplingParams(max_tokens=1))
-    assert llm.engine.kv.allocate(seq, len(ids))
-    tokens, pos, meta, _ = llm.engine.runner.prepare(works_for([(seq, len(ids))]))
-    model = llm.engine.model
-    out = model.logits(model(tokens, pos, llm.engine.runner.kv_caches, meta))
-    llm.engine.kv.free(seq)
-    return out
-
-
 def test_logits_against_the_dequantized_fp32_model(llm, reference, smollm2_path):
     """Our kernels round activations, outputs and scales to bf16 around each of the 121 matmuls and
     keep all else fp32. The bound: the same dequantized model computed with bf16 activations throughout
@@ -103,7 +92,7 @@ def test_logits_against_the_dequantized_fp32_model(llm, reference, smollm2_path)
         with torch.no_grad():
             ref = reference(torch.tensor([ids])).logits[0]
             ref_bf16 = bf16(torch.tensor([ids])).logits[0].float()
-        ours = _prefill_logits(llm, ids)
+        ours = prefill_logits(llm, ids)
         assert (ours - ref).abs().max() <= (ref_bf16 - ref).abs().max()
         assert ours[-1].argmax() == ref[-1].argmax()
 
@@ -147,7 +136,7 @@ def _only_near_ties_differ(llm: LLM, prompts: list[list[int]], ours: list[list[i
             continue
         differ += 1
         at = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-        logits = _prefill_logits(llm, prompt + a[:at])[-1]
+        logits = prefill_logits(llm, prompt + a[:at])[-1]
         assert abs(logits[a[at]] - logits[b[at]]) < 0.5, (at, logits[a[at]], logits[b[at]])
     return differ
 
