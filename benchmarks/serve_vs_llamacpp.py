@@ -106,7 +106,7 @@ def requantize(gguf: Path, qtype: str, llama_dir: Path) -> Path:
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(llama_dir / "build" / "bin" / "llama-quantize"), "--allow-requantize", str(gguf),
-                        str(out), qtype], check=True, stdout=subprocess.DEVNULL)
+                        str(out), qtype], check=True, capture_output=True)
     return out
 
 

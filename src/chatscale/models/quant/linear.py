@@ -23,7 +23,7 @@ from chatscale.models.quant.weight import QuantizedWeight
 
 # Tokens per matmul up to which the weight-only kernel beats dequantize + dense matmul, measured on
 # SmolLM2-135M's shapes with 2 threads (benchmarks/quant_kernels.py, docs/benchmarks.md).
-KERNEL_MAX_TOKENS = {"int8": 64, "int4": 64, "int8-g32": 64}
+KERNEL_MAX_TOKENS = {"int8": 64, "int4": 64}
 RESCORED = 32  # LM head logits per row recomputed exactly: the kernel's best 32
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -177,17 +177,28 @@ def _same_device_apply(self: nn.Module, fn, recurse: bool = True):  # noqa: ANN0
 
 
 class Int8Linear(_QuantLinear):
-    """int8 weights, one bf16 scale per output channel: `_weight_int8pack_mm`."""
+    """int8 weights, one bf16 scale per output channel: `_weight_int8pack_mm`.
+
+    A table that is also looked up (an embedding, a tied LM head) may keep its `exact` weights beside
+    (GGUF's Q8_0: int8 with a scale per 32): rows then come from them, exact, for lookups and for the
+    LM head's rescoring, while the matmul reads the per-channel copy (one pass of the fast kernel)."""
 
     kind = "int8"
 
-    def __init__(self, w: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, w: QuantizedWeight, bias: torch.Tensor | None = None,
+                 exact: QuantizedWeight | None = None) -> None:
         n, k = w.shape
         if w.bits != 8 or w.group != k or w.offset is not None:
             raise ValueError(f"int8 kernel needs symmetric per-channel int8, got {w.source} in groups of {w.group}")
         super().__init__(n, k, bias)
         self.weight = _param(w.q.contiguous())
         self.scales = _param(w.scale.reshape(n).to(torch.bfloat16))
+        self.exact = exact is not None
+        if exact is not None:
+            if exact.bits != 8 or exact.offset is not None or exact.shape != w.shape:
+                raise ValueError(f"exact rows must be symmetric int8 of shape {w.shape}, got {exact.source}")
+            self.exact_q = _param(exact.q.contiguous())
+            self.exact_scales = _param(exact.scale.to(torch.float16 if _fits_fp16(exact.scale) else torch.float32))
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, self.weight, self.scales)
@@ -196,7 +207,11 @@ class Int8Linear(_QuantLinear):
         out.copy_(self.weight.float() * self.scales.float()[:, None])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).float() * self.scales.float()[ids, None]
+        if not self.exact:
+            return F.embedding(ids, self.weight).float() * self.scales.float()[ids, None]
+        groups = self.exact_scales.shape[1]
+        q = F.embedding(ids, self.exact_q).view(len(ids), groups, -1).float()
+        return (q * self.exact_scales[ids].float()[..., None]).view(len(ids), self.in_features)
 
 
 def _int4_tensors(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
@@ -257,54 +272,10 @@ class Int4Linear(_QuantLinear):
     _apply = _same_device_apply
 
 
-class Int8GroupLinear(_QuantLinear):
-    """8-bit weights with a scale per group of 32 (GGUF's Q8_0), computed exactly by the int4 kernel as
-    two halves: q = 16 * hi + lo with hi in -8..7 (scale 16d, zero 0) and lo in 0..15 (scale d, zero
-    8d). `_weight_int8pack_mm` would need one scale per output channel: requantizing Q8_0 so made 20 of
-    50 greedy answers of SmolLM2 differ from the exact model (docs/quantization.md)."""
-
-    kind = "int8-g32"
-
-    def __init__(self, w: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
-        n, k = w.shape
-        if w.bits != 8 or w.group not in INT4_GROUPS or w.offset is not None:
-            raise ValueError(f"int8 group kernel needs symmetric 8-bit groups of {INT4_GROUPS}, got {w.source}")
-        _check_rows(n)
-        super().__init__(n, k, bias)
-        self.group = w.group
-        q, scale = w.q.to(torch.int16), w.scale.double()
-        self.packed_hi, self.scales_zeros_hi = _int4_tensors((q >> 4) + 8, 16 * scale, torch.zeros_like(scale))
-        self.packed_lo, self.scales_zeros_lo = _int4_tensors(q & 15, scale, 8 * scale)
-        # The file's own scales (GGUF stores fp16), for exact rows: lookups and the LM head's rescoring.
-        self.scales = _param(w.scale.to(torch.float16 if _fits_fp16(w.scale) else torch.float32))
-        self.can_dequantize = _unpackable(w.q.device)
-
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        hi = _int4_mm(x, self.packed_hi, self.group, self.scales_zeros_hi).float()
-        return hi + _int4_mm(x, self.packed_lo, self.group, self.scales_zeros_lo).float()
-
-    def dequantize_into(self, out: torch.Tensor) -> None:
-        n, k = self.out_features, self.in_features
-        out.copy_(_int4_values(self.packed_hi, self.scales_zeros_hi, n, k, None)
-                  + _int4_values(self.packed_lo, self.scales_zeros_lo, n, k, None))
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Exact rows: q * d with the file's scales (the same fp32 product as llama.cpp's reference)."""
-        n, k, g = self.out_features, self.in_features, self.group
-        hi = int4_layout.unpack_rows_cpu(self.packed_hi, n, k, ids).to(torch.int16) - 8
-        lo = int4_layout.unpack_rows_cpu(self.packed_lo, n, k, ids).to(torch.int16)
-        q = (16 * hi + lo).view(len(ids), k // g, g).float()
-        return (q * self.scales[ids].float()[..., None]).view(len(ids), k)
-
-    _apply = _same_device_apply
-
-
 def quantized_linear(w: QuantizedWeight, bias: torch.Tensor | None = None) -> Linear:
     """The kernel layer for a quantized weight: int4 groups, per-channel int8, or ValueError."""
     if w.bits == 4 and w.group in INT4_GROUPS:
         return Int4Linear(w, bias)
-    if w.bits == 8 and w.group in INT4_GROUPS and w.offset is None:
-        return Int8GroupLinear(w, bias)
     if w.bits == 8 and w.group == w.shape[1] and w.offset is None:
         return Int8Linear(w, bias)
     raise ValueError(f"no weight-only kernel for {w.source} ({w.bits}-bit in groups of {w.group})")

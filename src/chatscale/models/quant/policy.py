@@ -5,10 +5,11 @@
 - GGUF matrices that a torch kernel computes directly are kept as they are: Q4_0, Q4_1 and Q4_K
   are int4 in groups of 32 (Q4_1/Q4_K's offset m becomes the kernel's zero m + 8d, rounded once
   to bf16; Q4_0's zero is exactly 0).
-- Q8_0 has one scale per 32 weights, but the int8 kernel takes one per output channel. Requantizing
-  it per channel made 20 of 50 greedy SmolLM2 answers differ (docs/quantization.md), and dequantizing
-  it doubles its bytes, so it is kept: the int4 kernel computes it exactly as two 4-bit halves
-  (Int8GroupLinear), reading 1.25 bytes per weight.
+- Q8_0 has one scale per 32 weights, but the int8 kernel takes one per output channel, so a Q8_0
+  matrix is requantized per channel (one more rounding; one pass of the int8 kernel, which reads
+  1 byte a weight as fast as the int4 kernel reads half a byte). As an embedding / LM head it also
+  keeps its exact rows: lookups and the LM head's top logits are computed from them
+  (docs/quantization.md measures why).
 - Q5_K and Q6_K have no torch kernel (5 and 6 bits): they are dequantized at load into the model's
   dtype, and the log states the memory that costs.
 - Embedding tables are looked up in whatever format they are kept (rows unpacked on the fly); a dense
@@ -54,6 +55,8 @@ class WeightFormat:
         quantized = [p for p in parts if isinstance(p, QuantizedWeight)]
         if self.quantization != "dense" and len(quantized) == len(parts) and _same_format(quantized):
             w = QuantizedWeight.cat_rows(quantized)
+            if _is_q8_groups(w):  # Q8_0: the int8 kernel takes one scale per output channel
+                return self._record(parts, Int8Linear(quantize_int8(w.dequantize()).to(self.device), bias))
             if _has_kernel(w):
                 return self._record(parts, quantized_linear(w.to(self.device), bias))
         dense = torch.cat([p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts])
@@ -65,9 +68,13 @@ class WeightFormat:
 
     def embedding(self, weight: Weight) -> Linear:
         """An embedding table (and a tied LM head): as a linear layer, but int8 rather than int4 when a
-        dense one is quantized (a row lookup reads it too, and the LM head is the most sensitive matmul)."""
+        dense one is quantized (a row lookup reads it too, and the LM head is the most sensitive matmul),
+        and a Q8_0 one keeps its exact rows beside the per-channel copy the matmul reads."""
         if isinstance(weight, torch.Tensor) and self.quantization in QUANTIZATIONS:
             return self._record([weight], Int8Linear(quantize_int8(weight).to(self.device)))
+        if isinstance(weight, QuantizedWeight) and self.quantization != "dense" and _is_q8_groups(weight):
+            layer = Int8Linear(quantize_int8(weight.dequantize()).to(self.device), exact=weight.to(self.device))
+            return self._record([weight], layer)
         return self.linear([weight])
 
     def _record(self, parts: list[Weight], layer: Linear) -> Linear:
@@ -90,9 +97,13 @@ def _source(parts: list[Weight]) -> str:
 
 
 def _has_kernel(w: QuantizedWeight) -> bool:
-    """4-bit and 8-bit groups the int4 kernel takes (Q4_0, Q4_1, Q4_K, Q8_0), or per-channel int8."""
-    groups = w.group in INT4_GROUPS and w.shape[0] % 16 == 0 and (w.bits == 4 or (w.bits == 8 and w.offset is None))
-    return groups or (w.bits == 8 and w.group == w.shape[1] and w.offset is None)
+    """4-bit groups the int4 kernel takes (Q4_0, Q4_1, Q4_K), or per-channel int8."""
+    int4 = w.bits == 4 and w.group in INT4_GROUPS and w.shape[0] % 16 == 0
+    return int4 or (w.bits == 8 and w.group == w.shape[1] and w.offset is None)
+
+
+def _is_q8_groups(w: QuantizedWeight) -> bool:
+    return w.bits == 8 and w.offset is None and w.group < w.shape[1]
 
 
 def _same_format(parts: list[QuantizedWeight]) -> bool:
@@ -107,6 +118,7 @@ def _describe(source: str, layer: Linear) -> str:
                                    if source.startswith(("Q5", "Q6")) else "")
     if layer.kind == "int4":
         return f"kept int4 (weight-only kernel, groups of {layer.group})"
-    if layer.kind == "int8-g32":
-        return f"kept 8-bit in groups of {layer.group} (the int4 kernel on its two halves)"
+    if source.startswith("Q8"):
+        exact = ", exact rows kept for lookups and the LM head's top logits" if layer.exact else ""
+        return f"requantized to int8 with one scale per output channel (weight-only kernel){exact}"
     return "int8, one scale per output channel (weight-only kernel)"
