@@ -52,6 +52,29 @@ def unique_params(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(seen.values())
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_step_bytes_count_quantized_weights_at_their_stored_size(checkpoint, quantization):
+    """With quantized weights a step reads what is stored: every packed weight, scale and zero once
+    (the tied table is the LM head), the looked-up rows of the table, and the KV. /metrics says the
+    resident bytes."""
+    core = engine(checkpoint, "llama", quantization=quantization)
+    metrics = Metrics(MODEL)
+    metrics.attach(core)
+    steps = []
+    core.step_listeners.append(steps.append)
+    core.add_request(list(range(10, 30)), greedy(3))
+    run(core)
+    model, cfg = core.model, core.model.cfg
+    assert cfg.tie_word_embeddings and model.embed is model.lm_head
+    resident = sum(p.numel() * p.element_size() for p in unique_params(model))
+    row = sum(p.numel() * p.element_size() for p in model.embed.parameters()) / cfg.vocab_size
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    expected = sum(resident + n * row + (cached + 2 * n) * kv_per_token for step in steps for cached, n in step.chunks)
+    m = values(metrics)
+    assert m["step_bytes_total"] == pytest.approx(expected, rel=1e-9)
+    assert m["model_weight_bytes"] == resident < sum(p.numel() for p in unique_params(model)) * 4 / 3
+
+
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_step_flops_and_bytes_are_the_analytic_count_of_the_model(checkpoint, arch):
     """One 40-token prompt, 5 tokens: a prefill step (0 cached, 40 new), then 4 decodes at 40..43.

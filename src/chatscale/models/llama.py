@@ -115,19 +115,24 @@ class LlamaForCausalLM(nn.Module):
         return _stored_bytes(self.parameters())
 
     def weight_storage(self) -> tuple[float, float, float]:
-        """Stored bytes per weight of (the shared weights, an embedding value, a routed expert's weights),
-        for the per-step bytes the metrics count (step_work.WeightBytes)."""
-        experts = [p for m in self.modules() if isinstance(m, SparseMoE) for p in (m.gate_up, m.down)]
+        """Stored bytes per weight of (the shared weights, an embedding value, the planner's 'expert'
+        weights: routed experts, or a dense model's MLPs), for the per-step bytes the metrics count
+        (step_work.WeightBytes)."""
+        moe = [m for m in self.modules() if isinstance(m, SparseMoE)]
+        if moe:
+            experts = [p for m in moe for p in (m.gate_up, m.down)]
+            expert = sum(p.numel() for p in experts), _stored_bytes(experts)
+        else:
+            mlps = [lin for m in self.modules() if isinstance(m, DenseMLP) for lin in (m.gate_up, m.down)]
+            expert = sum(m.num_weights for m in mlps), _stored_bytes(p for m in mlps for p in m.parameters())
         table = self.embed.num_weights, _stored_bytes(self.embed.parameters())
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         in_linears = {id(p) for m in linears for p in m.parameters()}
         values = sum(m.num_weights for m in linears) + sum(p.numel() for p in self.parameters()
                                                            if id(p) not in in_linears)
-        expert = sum(p.numel() for p in experts), _stored_bytes(experts)
         untied = (0, 0) if self.cfg.tie_word_embeddings else table
         shared = (values - expert[0] - untied[0], self.weight_bytes() - expert[1] - untied[1])
-        return (shared[1] / shared[0], table[1] / table[0],
-                expert[1] / expert[0] if expert[0] else self.dtype.itemsize)
+        return shared[1] / shared[0], table[1] / table[0], expert[1] / expert[0]
 
     def load_weights(self, weights: Iterable[tuple[str, Weight]], fmt: WeightFormat | None = None) -> None:
         """Put HF-named tensors into the fused layout, checking every shape and that none is missing.
