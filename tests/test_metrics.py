@@ -44,6 +44,17 @@ def run(core: LLMEngine) -> None:
         core.step()
 
 
+def observed(core: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[Metrics, list]:
+    """Metrics attached to `core` and the steps it ran to answer `prompt` greedily."""
+    metrics = Metrics(MODEL)
+    metrics.attach(core)
+    steps = []
+    core.step_listeners.append(steps.append)
+    core.add_request(prompt, greedy(max_tokens))
+    run(core)
+    return metrics, steps
+
+
 def unique_params(model: torch.nn.Module) -> list[torch.Tensor]:
     """Each parameter tensor once (a tied embedding is also the output projection)."""
     seen: dict[int, torch.Tensor] = {}
@@ -58,12 +69,7 @@ def test_step_bytes_count_quantized_weights_at_their_stored_size(checkpoint, qua
     (the tied table is the LM head), the looked-up rows of the table, and the KV. /metrics says the
     resident bytes."""
     core = engine(checkpoint, "llama", quantization=quantization)
-    metrics = Metrics(MODEL)
-    metrics.attach(core)
-    steps = []
-    core.step_listeners.append(steps.append)
-    core.add_request(list(range(10, 30)), greedy(3))
-    run(core)
+    metrics, steps = observed(core, list(range(10, 30)), 3)
     model, cfg = core.model, core.model.cfg
     assert cfg.tie_word_embeddings and model.embed is model.lm_head
     resident = sum(p.numel() * p.element_size() for p in unique_params(model))
@@ -81,12 +87,7 @@ def test_step_flops_and_bytes_are_the_analytic_count_of_the_model(checkpoint, ar
     FLOPs: 2 per active weight per token, 4 per attended key per query-head dimension per layer.
     Bytes: every weight read once (untouched experts not at all), KV read for all, written for new."""
     core = engine(checkpoint, arch)
-    metrics = Metrics(MODEL)
-    metrics.attach(core)
-    steps = []
-    core.step_listeners.append(steps.append)
-    core.add_request(list(range(10, 50)), greedy(5))
-    run(core)
+    metrics, steps = observed(core, list(range(10, 50)), 5)
     assert [s.chunks for s in steps] == [[(0, 40)], [(40, 1)], [(41, 1)], [(42, 1)], [(43, 1)]]
 
     model, cfg = core.model, core.model.cfg
