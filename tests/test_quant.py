@@ -12,7 +12,7 @@ from chatscale.engine.llm import LLM
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.models.loader import load_model
 from chatscale.models.quant import int4_layout
-from chatscale.models.quant.linear import DenseLinear, Int4Linear, Int8Linear
+from chatscale.models.quant.linear import RESCORED, DenseLinear, Int4Linear, Int8Linear
 from chatscale.models.quant.policy import WeightFormat
 from chatscale.models.quant.weight import QuantizedWeight, quantize_int4, quantize_int8
 
@@ -91,6 +91,25 @@ def test_quantized_linears_compile_fullgraph():
     for tokens in (1, 4, layers[0].kernel_max_tokens + 8):
         x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(tokens))
         assert torch.allclose(compiled(x), forward(x), rtol=1e-2, atol=1e-2 * forward(x).abs().max().item())
+
+
+def test_lm_head_rescores_its_best_logits_exactly_and_compiles():
+    """The LM head's kernel logits are bf16-rounded; its best RESCORED per row are recomputed in fp32
+    from the exact rows (here a Q8_0-like table kept beside the per-channel copy), in static shapes."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-127, 128, (320, 64), dtype=torch.int8, generator=g)
+    exact = QuantizedWeight(q, torch.rand(320, 2, generator=g) / 100, None, 32, 8, "Q8_0")
+    head = Int8Linear(quantize_int8(exact.dequantize()), exact=exact)
+    x = torch.randn(3, 64, generator=g)
+    ref = x @ exact.dequantize().t()
+    out = head.logits(x)
+    top = ref.topk(RESCORED, dim=1).indices
+    assert torch.allclose(out.gather(1, top), ref.gather(1, top), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    compiled = torch.compile(head.logits, fullgraph=True, dynamic=False)(x)  # fused: within an ulp or two
+    assert torch.allclose(compiled, out, rtol=1e-6, atol=1e-6) and torch.equal(compiled.argmax(1), out.argmax(1))
+    assert torch.equal(head.embed(torch.tensor([7, 300]), torch.float32), exact.dequantize()[[7, 300]])
 
 
 def test_group_size_must_divide_the_input():

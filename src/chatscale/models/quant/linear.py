@@ -137,10 +137,12 @@ class _QuantLinear(Linear):
         y = self(x).float()
         if x.shape[0] > self.kernel_max_tokens:
             return y  # dequantized weights, fp32 matmul: exact already
-        ids = y.topk(min(RESCORED, y.shape[1]), dim=1).indices.flatten().unique()
-        exact = x.float() @ self.rows(ids).t()
-        y[:, ids] = exact if self.bias is None else exact + self.bias[ids].float()
-        return y
+        ids = y.topk(min(RESCORED, y.shape[1]), dim=1).indices  # [S, k]: static shapes, compiles whole
+        rows = self.rows(ids.flatten()).view(*ids.shape, self.in_features)
+        exact = torch.bmm(rows, x.float()[:, :, None])[..., 0]
+        if self.bias is not None:
+            exact = exact + self.bias[ids].float()
+        return y.scatter_(1, ids, exact)
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.bias_device)
