@@ -64,7 +64,8 @@ def model_time(layers: list[Linear], head: Linear, num_layers: int, tokens: int,
 
 def build(kind: str, shapes: list[tuple[int, int]], group: int) -> list[Linear]:
     torch.manual_seed(0)
-    make = (lambda w: Int8Linear(quantize_int8(w))) if kind == "int8" else (lambda w: Int4Linear(quantize_int4(w, group)))
+    def make(w: torch.Tensor) -> Linear:
+        return Int8Linear(quantize_int8(w)) if kind == "int8" else Int4Linear(quantize_int4(w, group))
     return [make(torch.randn(n, k) * 0.02) for n, k in shapes]
 
 
@@ -88,7 +89,8 @@ def main() -> int:
             ms = {mode: 1e3 * model_time(layers, head, m["layers"], t, mode, args.repeats)
                   for mode in ("kernel", "dequant", "dense")}
             best = "kernel" if ms["kernel"] <= ms["dequant"] else "dequant"
-            print(f"| {kind} | {t} | {ms['kernel']:.1f} | {ms['dequant']:.1f} | {ms['dense']:.1f} | {best} |", flush=True)
+            print(f"| {kind} | {t} | {ms['kernel']:.1f} | {ms['dequant']:.1f} | {ms['dense']:.1f} | {best} |",
+                  flush=True)
     print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -63,9 +63,11 @@ class DecoderLayer(nn.Module):
     def weight_slots(self) -> dict[str, torch.Tensor | SlotPart]:
         """HF parameter name (within the layer) -> the parameter, or the fused layer's part, it fills."""
         proj = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        slots = self._qkv.parts([f"{p}.weight" for p in proj], [f"{p}.bias" for p in proj] if self._qkv.has_bias else None)
+        biases = [f"{p}.bias" for p in proj] if self._qkv.has_bias else None
+        slots = self._qkv.parts([f"{p}.weight" for p in proj], biases)
         slots |= self._o.parts(["self_attn.o_proj.weight"])
-        slots |= {"input_layernorm.weight": self.input_norm, "post_attention_layernorm.weight": self.post_attention_norm}
+        slots |= {"input_layernorm.weight": self.input_norm,
+                  "post_attention_layernorm.weight": self.post_attention_norm}
         if self.q_norm is not None:
             slots |= {"self_attn.q_norm.weight": self.q_norm, "self_attn.k_norm.weight": self.k_norm}
         return slots | self.mlp.weight_slots()

@@ -108,7 +108,8 @@ class GGUFCheckpoint:
             raise UnsupportedModelError(f"{self.path.name}: Llama-3 rope frequency factors (rope_freqs) "
                                         "are not supported yet")
         if base in GLOBAL_NAMES:
-            self._tensors[f"{GLOBAL_NAMES[base]}.{suffix}"] = _Tensor(f"{GLOBAL_NAMES[base]}.{suffix}", qtype, shape, data)
+            full = f"{GLOBAL_NAMES[base]}.{suffix}"
+            self._tensors[full] = _Tensor(full, qtype, shape, data)
             return
         parts = base.split(".")
         if len(parts) != 3 or parts[0] != "blk" or parts[2] not in LAYER_NAMES:

@@ -81,4 +81,5 @@ def cpu_unpack_works() -> bool:
     q = torch.randint(0, 16, (64 + 48, 64), generator=g, dtype=torch.uint8)
     rows = torch.tensor([0, 31, 32, 63, 64, 65, 111])
     packed = pack(q)
-    return torch.equal(unpack_cpu(packed, *q.shape), q) and torch.equal(unpack_rows_cpu(packed, *q.shape, rows), q[rows])
+    whole = torch.equal(unpack_cpu(packed, *q.shape), q)
+    return whole and torch.equal(unpack_rows_cpu(packed, *q.shape, rows), q[rows])

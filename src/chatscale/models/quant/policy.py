@@ -45,7 +45,8 @@ class WeightFormat:
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "dense", *QUANTIZATIONS):
-            raise ValueError(f"unknown quantization {self.quantization!r}; choose from dense, {', '.join(QUANTIZATIONS)}")
+            raise ValueError(f"unknown quantization {self.quantization!r}; "
+                             f"choose from dense, {', '.join(QUANTIZATIONS)}")
         if self.quantization == "int4" and self.group_size not in INT4_GROUPS:
             raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {self.group_size}")
 
