@@ -40,7 +40,8 @@ def _gguf_name(name: str) -> tuple[str, int | None, str]:
     """HF name -> (GGUF base name, expert index or None, suffix)."""
     base, suffix = name.rsplit(".", 1)
     if base in ("model.embed_tokens", "model.norm", "lm_head"):
-        return {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}[base], None, suffix
+        names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+        return names[base], None, suffix
     _, _, layer, rest = base.split(".", 3)
     if ".experts." in rest:
         _, _, expert, proj = rest.split(".")

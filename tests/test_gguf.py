@@ -198,7 +198,8 @@ def _sentencepiece_gguf(path: Path) -> Path:
 
     trainer = SentencePieceBPETokenizer()
     trainer.train_from_iterator(CORPUS, vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
-    pieces = [t for t, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1]) if t not in ("<unk>", "<s>", "</s>")]
+    vocab = sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = [t for t, _ in vocab if t not in ("<unk>", "<s>", "</s>")]
     tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
     types = [2, 3, 3, *[6] * 256, *[1] * len(pieces)]
     scores = [0.0, 0.0, 0.0, *[0.0] * 256, *(-float(i) for i in range(len(pieces)))]

@@ -70,7 +70,8 @@ def test_answers_the_capital_of_france(llm):
 
 def test_chat_template_is_transformers(llm, smollm2_hf_tokenizer):
     chats = [CAPITAL, [{"role": "system", "content": "Be brief."}, *CAPITAL],
-             [*CAPITAL, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain? ünï 🙂"}]]
+             [*CAPITAL, {"role": "assistant", "content": "Paris."},
+              {"role": "user", "content": "And Spain? ünï 🙂"}]]
     for chat in chats:
         for gen in (True, False):
             ours = llm.tokenizer.apply_chat_template(chat, add_generation_prompt=gen)
