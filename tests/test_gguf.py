@@ -57,6 +57,28 @@ def test_block_decoding_is_the_reference_bit_for_bit(qtype):
     assert torch.equal(_bits(ours), _bits(ref))  # bit for bit: signs of zeros included
 
 
+@pytest.mark.parametrize("qtype", blocks.QUANT_TYPES, ids=lambda q: q.name)
+def test_each_type_gets_its_kernel_or_is_dequantized(qtype):
+    """Q4_0, Q4_1, Q4_K: the int4 kernel, its weights the file's up to bf16 scales and zeros; Q8_0:
+    per-channel int8 (half a step of the row's scale more); Q5_K, Q6_K: dense fp32, exact."""
+    from chatscale.models.quant.policy import WeightFormat
+
+    w = blocks.decode(_random_blocks(qtype, 32, 256, seed=7), qtype, (32, 256))
+    exact = w.dequantize()
+    layer = WeightFormat(torch.float32, torch.device("cpu")).linear([w])
+    got = layer.dense_weight()
+    kind = {T.Q4_0: "int4", T.Q4_1: "int4", T.Q4_K: "int4", T.Q8_0: "int8"}.get(qtype, "dense")
+    assert layer.kind == kind
+    if kind == "dense":
+        assert torch.equal(got, exact)
+    elif kind == "int4":  # bf16 scale: |q - 8| <= 8 steps off by 2^-9 each; bf16 zero: 2^-9 of it
+        scale = w.scale.repeat_interleave(w.group, dim=1)
+        zero = scale * (w.qmin + 8) + (0 if w.offset is None else w.offset.repeat_interleave(w.group, dim=1))
+        assert ((got - exact).abs() <= (8 * scale.abs() + zero.abs()) * 2.0**-8).all()
+    else:
+        assert ((got - exact).abs() <= layer.scales.float()[:, None] * (0.5 + 1e-6)).all()
+
+
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16], ids=lambda q: q.name)
 def test_float_tensors_decode_exactly(qtype):
     a = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
