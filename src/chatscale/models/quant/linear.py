@@ -21,9 +21,11 @@ from torch import nn
 from chatscale.models.quant import int4_layout
 from chatscale.models.quant.weight import QuantizedWeight
 
-# Tokens per matmul up to which the weight-only kernel beats dequantize + dense matmul, measured on
-# SmolLM2-135M's shapes with 2 threads (benchmarks/quant_kernels.py, docs/benchmarks.md).
-KERNEL_MAX_TOKENS = {"int8": 64, "int4": 64}
+# Tokens per matmul up to which the weight-only kernel beats dequantize + dense fp32 matmul, measured
+# on SmolLM2-135M's shapes (benchmarks/quant_kernels.py, docs/benchmarks.md): the int8 kernel until
+# 128 tokens (dequantizing wins from 256), the int4 kernel until 256 (from 512). Unpacking a layer
+# costs as much as ~200 tokens through the kernel, so only long prefill chunks dequantize.
+KERNEL_MAX_TOKENS = {"int8": 128, "int4": 256}
 RESCORED = 32  # LM head logits per row recomputed exactly: the kernel's best 32
 INT4_GROUPS = (32, 64, 128, 256)
 
