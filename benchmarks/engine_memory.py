@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
     core = EngineCore(EngineConfig(threads=1, kv_cache_bytes=256 * MB, dtype=args.dtype))
-    print(f"engine: {core.dtype_name} on {core.model.embed.device}, {core.kv.num_blocks} KV pages")
+    print(f"engine: {core.dtype_name} on {core.model.device}, {core.kv.num_blocks} KV pages")
     if args.memray:
         import memray
 

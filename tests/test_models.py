@@ -85,7 +85,7 @@ def test_greedy_with_forced_preemption(checkpoint, arch):
 def test_bfloat16_checkpoint_runs_close_to_transformers(checkpoint):
     path = checkpoint("llama", torch.bfloat16)
     model = load_model(path)
-    assert model.embed.dtype == torch.bfloat16
+    assert model.dtype == model.embed.weight.dtype == torch.bfloat16
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     llm = LLM(str(path), num_blocks=32, block_size=4)
     prompt = prompts([24])[0]

@@ -321,6 +321,17 @@ def test_hf_config_reader(tmp_path):
         get_model("no-such-model")
 
 
+def test_weight_only_int4_reads_a_quarter_of_bf16_and_computes_at_the_bf16_rate():
+    """Weight-only int4 (groups of 128, a bf16 scale and zero each: 0.53 bytes a weight) quarters the
+    bytes a bandwidth-bound decode reads; no chip has an int4 unit, so FLOPs stay bf16's."""
+    model, h100 = MODELS["llama-3-8b"], HW["h100"]
+    int4, bf16 = Layout(weight_dtype="int4"), Layout(weight_dtype="bf16")
+    assert weight_bytes(model, int4) == pytest.approx(weight_bytes(model, bf16) * 0.53125 / 2)
+    assert h100.flops("int4") == h100.bf16_flops
+    assert step_cost(model, h100, int4, decode_contexts=[512]).seconds < step_cost(
+        model, h100, bf16, decode_contexts=[512]).seconds / 2
+
+
 def test_layout_and_dtype_errors():
     with pytest.raises(ValueError, match="dtype"):
         Layout(weight_dtype="fp4")

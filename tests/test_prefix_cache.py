@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.llm import LLM

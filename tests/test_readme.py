@@ -118,7 +118,7 @@ def server(ports, tmp_path_factory) -> Iterator[Path]:
 
 TESTED = ("make serve", "make test", "chatscale chat ", "chatscale serve --port 8000", "chatscale plan ",
           "chatscale bench serve ", "chatscale tokens count ", "chatscale tokens split ", "chatscale top ",
-          "chatscale simulate fleet ", "chatscale simulate size ", "chatscale serve --port 8001 ",
+          "chatscale simulate fleet ", "chatscale simulate size ", "chatscale serve --port 8001 ", "chatscale serve --model smollm2 ",
           "chatscale gateway ", "curl http://127.0.0.1:8080")
 
 
@@ -143,6 +143,22 @@ def test_engine_example_prints_answers():
     answers = sentences(done.stdout)
     assert len(answers) == 4, done.stdout  # one chat, two greedy answers, one streamed
     assert "cache" in answers[0].lower() and "batch" in answers[1].lower()
+
+
+def test_the_real_model_example_answers(tmp_path):
+    """`chatscale serve --model smollm2 --quantization int8`: the packaged SmolLM2 (make test installs
+    the wheel) on int8 kernels knows the capital of France."""
+    port = free_port()
+    with serving([*example("chatscale serve --model smollm2 ").split()[1:], "--port", str(port)],
+                 tmp_path / "serve.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(proc, url, tmp_path / "serve.log")
+        body = {"model": "smollm2", "max_tokens": 16, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+    assert "choices" in answer, answer
+    assert "Paris" in answer["choices"][0]["message"]["content"], answer
+    assert "int8" in (tmp_path / "serve.log").read_text()
 
 
 def test_curl_and_openai_examples_against_the_readme_server(server, ports):

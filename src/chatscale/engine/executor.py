@@ -60,7 +60,8 @@ class InProcessExecutor:
 
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None,
                  structured: StructuredOutputs | None = None) -> None:
-        self.model = load_model(config.model, config.dtype, config.device)
+        self.model = load_model(config.model, config.dtype, config.device, config.quantization,
+                                config.quant_group_size)
         self.runner = ModelRunner(self.model, config, num_blocks)
         self.num_blocks = self.runner.num_blocks
         self.sampler = Sampler(eos_token_ids)

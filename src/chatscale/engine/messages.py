@@ -86,6 +86,9 @@ class EngineInfo:
     peaks: Hardware  # the device's measured (CPU) or datasheet (GPU) peaks
     kv_cache_bytes: int = 0
     weight_bytes: int = 0
+    # Stored bytes per weight (shared, embedding value, experts or a dense model's MLPs): quantized
+    # layers make them differ from the dtype's; the metrics count a step's bytes with them.
+    weight_storage: tuple[float, float, float] = (0.0, 0.0, 0.0)
     kv_tier_pages: int = 0  # the second KV tier's pages (0: off, or it did not pay here)
 
 

@@ -54,13 +54,13 @@ def works_for(scheduled: list[tuple[Sequence, int]]) -> list[Work]:
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
     cfg = model.cfg
-    itemsize = model.embed.element_size()
+    itemsize = model.dtype.itemsize
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * block_size
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights a forward pass reads (tied embeddings counted once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model: LlamaForCausalLM) -> int:
+    """Bytes of weights a forward pass reads (tied embeddings counted once, quantized ones packed)."""
+    return model.weight_bytes()
 
 
 def kv_cache_budget(config: EngineConfig, device: torch.device, bytes_per_block: int,
@@ -92,7 +92,7 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, config: EngineConfig, num_blocks: int | None = None) -> None:
         self.model = model
-        self.device = model.embed.device
+        self.device = model.device
         self.block_size = config.block_size
         cfg = model.cfg
         per_block = kv_bytes_per_block(model, config.block_size)
@@ -108,7 +108,7 @@ class ModelRunner:
         slots = num_blocks * config.block_size
         # Zeroed, not empty: padding pages are masked out of attention, but 0 * NaN would still poison it.
         self.kv_caches = [
-            torch.zeros(2, cfg.num_kv_heads, slots, cfg.head_dim, dtype=model.embed.dtype, device=self.device)
+            torch.zeros(2, cfg.num_kv_heads, slots, cfg.head_dim, dtype=model.dtype, device=self.device)
             for _ in range(cfg.num_layers)
         ]
         self.backend = make_backend(config.attention_backend, self.device, slots, config.block_size,
@@ -130,7 +130,7 @@ class ModelRunner:
     def allocate_host_tier(self, num_pages: int, directory: str | None = None) -> None:
         """The second KV tier: pinned host memory behind a GPU, a file-backed area on disk on a CPU
         (mapped and unlinked at once, so nothing is left behind)."""
-        cfg, dtype = self.model.cfg, self.model.embed.dtype
+        cfg, dtype = self.model.cfg, self.model.dtype
         shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_pages, self.block_size * cfg.head_dim)
         if self.device.type == "cuda":
             self.host_pages = torch.empty(shape, dtype=dtype, pin_memory=True)

@@ -1,8 +1,10 @@
-"""Load a Hugging Face model directory: config, (sharded) safetensors and generation defaults."""
+"""Load a checkpoint: a Hugging Face directory (config, (sharded) safetensors, generation defaults) or a
+GGUF file (or a directory holding one), with dense or weight-only quantized linear layers."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,11 @@ from safetensors import safe_open
 
 from chatscale.models.config import ModelConfig
 from chatscale.models.dtype_policy import compute_dtype
+from chatscale.models.gguf.checkpoint import find_gguf, open_gguf
 from chatscale.models.llama import LlamaForCausalLM
+from chatscale.models.quant.policy import WeightFormat
+
+log = logging.getLogger("chatscale.models")
 
 
 
@@ -30,6 +36,12 @@ class GenerationDefaults:
 
     @classmethod
     def from_dir(cls, path: Path) -> "GenerationDefaults":
+        """From generation_config.json, or a GGUF file's EOS ids (its sampling keys are llama.cpp's own)."""
+        gguf = find_gguf(path)
+        if gguf is not None:
+            from chatscale.models.gguf.tokenizer import gguf_eos_ids
+
+            return cls(gguf_eos_ids(open_gguf(gguf)))
         file = path / "generation_config.json"
         cfg = json.loads(file.read_text()) if file.is_file() else {}
         eos = cfg.get("eos_token_id")
@@ -67,20 +79,39 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-
-
-def model_dir(path: str | Path) -> Path:
-    """`path` as a model directory, or a clear error naming it."""
+def model_path(path: str | Path) -> Path:
+    """`path` as a model: an HF directory, a .gguf file, or a directory holding one; else a clear error."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+    if find_gguf(path) is None and not path.is_dir():
+        what = "file" if path.suffix == ".gguf" or path.is_file() else "directory"
+        raise FileNotFoundError(f"model {what} {str(path)!r} does not exist" if not path.exists() else
+                                f"{str(path)!r} is neither a GGUF file nor a model directory")
     return path
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> LlamaForCausalLM:
-    path = model_dir(path)
-    cfg = ModelConfig.from_dir(path)
+def model_config(path: str | Path) -> ModelConfig:
+    """The model's configuration, from config.json or the GGUF file's metadata."""
+    gguf = find_gguf(Path(path))
+    return ModelConfig.from_dict(open_gguf(gguf).hf_config) if gguf is not None else ModelConfig.from_dir(path)
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", quantization: str | None = None,
+               group_size: int = 32) -> LlamaForCausalLM:
+    """The model at `path` (HF directory, .gguf file, or a directory holding one .gguf), with its linear
+    layers quantized at load when `quantization` is "int8" or "int4" (groups of `group_size`)."""
+    path = model_path(path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        checkpoint = open_gguf(gguf)
+        cfg = ModelConfig.from_dict(checkpoint.hf_config)
+        names = checkpoint.names()  # maps every tensor: an unexpected one is refused before allocating
+        weights = ((name, checkpoint.get(name)) for name in names)
+    else:
+        cfg = ModelConfig.from_dir(path)
+        weights = iter_weights(path)
     device = torch.device(device)
-    model = LlamaForCausalLM(cfg, compute_dtype(dtype, cfg.dtype, device), device)
-    model.load_weights(iter_weights(path))
+    torch_dtype = compute_dtype(dtype, cfg.dtype, device)
+    model = LlamaForCausalLM(cfg, torch_dtype, device)
+    model.load_weights(weights, WeightFormat(torch_dtype, device, quantization, group_size))
+    log.info("%s: %.1f MiB of weights resident", path.name, model.weight_bytes() / 2**20)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Tokenizer and chat template of a Hugging Face model directory.
+"""Tokenizer and chat template of a Hugging Face model directory or a GGUF file.
 
 Wraps the `tokenizers` library (tokenizer.json) and renders the checkpoint's own Jinja chat template
 from tokenizer_config.json, so prompts are exactly what the model was trained on.
@@ -52,7 +52,16 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """From a model directory (tokenizer.json, tokenizer_config.json), or a GGUF file (or a directory
+        holding one), whose vocabulary is converted (models/gguf/tokenizer.py)."""
         path = Path(path)
+        from chatscale.models.gguf.checkpoint import find_gguf, open_gguf
+
+        gguf = find_gguf(path)
+        if gguf is not None:
+            from chatscale.models.gguf.tokenizer import build_tokenizer
+
+            return cls(*build_tokenizer(open_gguf(gguf)))
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (a fast tokenizer file is required)")

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-# Bytes per element of the number formats the planner knows.
-DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+# Bytes per element of the number formats the planner knows. int4 is weight-only (no chip here has an
+# int4 matmul unit: it computes at the bf16 rate), in groups of 128 with a bf16 scale and zero each.
+DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5 + 4 / 128}
 
 GB = 1e9
 TB = 1e12

@@ -72,7 +72,8 @@ async def _deltas(outputs: Outputs, finals: dict[int, RequestOutput]
                 yield i, ready
 
 
-async def chat_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, include_usage: bool) -> AsyncIterator[str]:
+async def chat_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer,
+                      include_usage: bool) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return event(ChatCompletionChunk(id=gen.id, created=gen.created, model=gen.model, choices=choices,
                                          usage=usage), include_usage)
@@ -106,12 +107,14 @@ async def chat_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, i
 
 def text_completion(gen: Generation, finals: dict[int, RequestOutput], tokenizer: Tokenizer) -> Completion:
     choices = [CompletionChoice(index=i * gen.n + o.index, text=gen.echoed(i) + o.text,
-                                logprobs=completion_logprobs(tokenizer, o.logprobs, 0)[0], finish_reason=o.finish_reason)
+                                logprobs=completion_logprobs(tokenizer, o.logprobs, 0)[0],
+                                finish_reason=o.finish_reason)
                for i, out in sorted(finals.items()) for o in out.outputs]
     return Completion(id=gen.id, created=gen.created, model=gen.model, choices=choices, usage=gen.usage(finals))
 
 
-async def text_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer, include_usage: bool) -> AsyncIterator[str]:
+async def text_stream(gen: Generation, outputs: Outputs, tokenizer: Tokenizer,
+                      include_usage: bool) -> AsyncIterator[str]:
     finals: dict[int, RequestOutput] = {}
     offsets: dict[int, int] = {}
     async with aclosing(_deltas(outputs, finals)) as deltas:

@@ -23,7 +23,7 @@ from uvicorn.logging import DefaultFormatter
 
 from chatscale.engine.async_engine import AsyncEngine
 from chatscale.engine.config import EngineConfig
-from chatscale.models.config import ModelConfig
+from chatscale.models.loader import model_config
 from chatscale.server.api import create_app
 from chatscale.server.settings import ServerSettings
 from chatscale.server.state import ServerState
@@ -56,7 +56,7 @@ class _Server(uvicorn.Server):
 def serve(args: argparse.Namespace) -> int:
     _log_to_stderr()
     config = EngineConfig.from_args(args)
-    ModelConfig.from_dir(config.model)  # a missing or unsupported model: one line now, not a failed server later
+    model_config(config.model)  # a missing or unsupported model: one line now, not a failed server later
     settings = ServerSettings.from_args(args, config.model)
     failed = False
     server: _Server | None = None

@@ -58,9 +58,13 @@ class ServerSettings:
                        help="how tool calls are read from the model's text (default: from the chat template; "
                             "hermes when the template does not render tools)")
         p.add_argument("--served-model-name", default=None,
-                       help="the `model` clients send (default: the model directory's name)")
+                       help="the `model` clients send (default: a packaged model's name such as smollm2, "
+                            "else the model directory's or file's name)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model_path: str) -> "ServerSettings":
         values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "served_model_name"}
-        return cls(served_model_name=args.served_model_name or Path(model_path).name, **values)
+        from chatscale.models.packaged import PACKAGED
+
+        packaged = args.model if getattr(args, "model", None) in PACKAGED else None
+        return cls(served_model_name=args.served_model_name or packaged or Path(model_path).name, **values)

@@ -1,0 +1,20 @@
+"""The logits an engine's model computes for a whole prompt in one prefill step (no sampling)."""
+
+from __future__ import annotations
+
+import torch
+
+from chatscale.engine.llm import LLM
+from chatscale.engine.runner import works_for
+from chatscale.engine.sampling_params import SamplingParams
+from chatscale.engine.sequence import Sequence
+
+
+def prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
+    """[len(prompt), vocab] fp32 logits, through the engine's own runner and KV pages (freed after)."""
+    seq = Sequence("r", prompt, SamplingParams(max_tokens=1))
+    assert llm.engine.kv.allocate(seq, len(prompt))
+    runner = llm.engine.runner
+    out = llm.engine.model.logits(runner.forward(runner.prepare(works_for([(seq, len(prompt))]))))
+    llm.engine.kv.free(seq)
+    return out
