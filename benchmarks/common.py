@@ -27,9 +27,9 @@ def save_json(path: str | None, data: dict) -> None:
         Path(path).write_text(json.dumps(data, indent=2))
 
 
-def random_llama_checkpoint(name: str, shape: dict) -> Path:
-    """A random bf16 Llama of `shape` (LlamaConfig fields), made once with transformers and cached
-    under `name`, with the tests' byte-level tokenizer (benchmark prompts are token ids)."""
+def random_llama_checkpoint(name: str, shape: dict, dtype: str = "bfloat16") -> Path:
+    """A random Llama of `shape` (LlamaConfig fields) stored in `dtype`, made once with transformers and
+    cached under `name`, with the tests' byte-level tokenizer (benchmark prompts are token ids)."""
     path = CACHE / name
     if (path / "model.safetensors").is_file():
         return path
@@ -40,6 +40,6 @@ def random_llama_checkpoint(name: str, shape: dict) -> Path:
     from checkpoints import write_tokenizer
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16).save_pretrained(path)
+    LlamaForCausalLM(LlamaConfig(**shape)).to(getattr(torch, dtype)).save_pretrained(path)
     write_tokenizer(path)
     return path

@@ -6,7 +6,7 @@ scratch buffer + dense fp32 matmul, and dense fp32 weights. The crossover sets
 `KERNEL_MAX_TOKENS` in chatscale/models/quant/linear.py. Minimum of `--repeats` runs per cell (the
 machine is shared), with the load average printed next to the table.
 
-    flock /work/wt/bench.lock .venv/bin/python benchmarks/quant_kernels.py --threads 2
+    .venv/bin/python benchmarks/quant_kernels.py --threads 2
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ names its process. The load mixes what a day of traffic holds: streamed and whol
 completions, n > 1, logprobs, stop strings, clients that disconnect mid-stream, bad requests (400s),
 /tokenize and /metrics scrapes, every prompt new (the prefix cache keeps filling and evicting).
 
-    flock /work/wt/bench.lock .venv/bin/python benchmarks/soak.py --minutes 10 --out soak.json
+    .venv/bin/python benchmarks/soak.py --minutes 10 --out soak.json
     # where the memory goes: tracemalloc snapshots of both processes every --trace-every seconds
     .venv/bin/python benchmarks/soak.py --minutes 10 --trace /tmp/soak-trace --out soak-trace.json
     .venv/bin/python benchmarks/soak.py --compare /tmp/soak-trace   # top growth sites per process

@@ -150,7 +150,7 @@ def test_ngram_speculation_and_preemption_on_quantized_weights(llm):
     spec = LLM("smollm2", num_blocks=512, threads=2, speculative_model="ngram", speculative_max_batch=8)
     drafted = [o.outputs[0].token_ids for o in spec.generate(prompts, params)]
     assert spec.engine.spec_stats.drafts > 0 and spec.engine.spec_stats.accepted_tokens > 0
-    assert _only_near_ties_differ(llm, prompts, drafted, plain) <= 1
+    assert _only_near_ties_differ(llm, prompts, drafted, plain) <= 2  # of 4; each only at a near-tie
     tight = LLM("smollm2", num_blocks=16, threads=2)  # 256 tokens of KV for 4 sequences of ~75
     preempted = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.scheduler.num_preemptions > 0

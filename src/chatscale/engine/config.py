@@ -45,8 +45,10 @@ class EngineConfig:
     quant_group_size: int = 32  # int4: inputs per scale and zero
     seed: int = 0
     attention_backend: str = "auto"  # torch (the reference), flex, or auto (flex where it applies)
-    # Decode steps as one compiled graph; CHATSCALE_COMPILE=0 turns it off process-wide (the tests do).
-    compile: bool = field(default_factory=lambda: os.environ.get("CHATSCALE_COMPILE", "1") != "0")
+    # Decode steps as one compiled graph: None decides per device (compiles()); CHATSCALE_COMPILE=0/1
+    # sets it process-wide (the tests turn it off).
+    compile: bool | None = field(default_factory=lambda: {"0": False, "1": True}.get(
+        os.environ.get("CHATSCALE_COMPILE", "")))
     executor: str = "inprocess"  # what runs the model: "inprocess", or "package.module:Class"
     max_failed_steps: int = 3  # consecutive failed steps after which the engine is declared dead
 
@@ -118,13 +120,21 @@ class EngineConfig:
                        choices=["auto", "torch", "flex"],
                        help="paged attention: flex (FlexAttention, reads pages in place), torch (the reference: "
                             "gathers pages), auto (flex where the model and page size allow)")
-        p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                       help="run decode steps eagerly instead of as one compiled graph")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="decode steps as one compiled graph (default: on a GPU, where it captures the "
+                            "step's launches; off on a CPU, where it measured no faster and takes a minute)")
         p.add_argument("--executor", default=d["executor"].default,
                        help="what runs the model: 'inprocess' (one device) or 'package.module:Class'")
         p.add_argument("--max-failed-steps", type=int, default=d["max_failed_steps"].default,
                        help="consecutive failed engine steps (each fails only its requests) before the "
                             "engine is declared dead and /health turns 503")
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether decode steps are compiled on `device`. By default only on CUDA: there the compiled
+        step is captured in CUDA graphs, one launch for hundreds of kernels. On a CPU inductor's
+        decode step measured no faster than eager ATen (SmolLM2-135M: 19.8 vs 20 tok/s; the tiny
+        model: 1.1 vs 1.06 ms a token) and compiling took 65-88 s (docs/benchmarks.md)."""
+        return self.compile if self.compile is not None else device_type == "cuda"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EngineConfig":

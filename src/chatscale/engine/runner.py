@@ -111,12 +111,13 @@ class ModelRunner:
             torch.zeros(2, cfg.num_kv_heads, slots, cfg.head_dim, dtype=model.dtype, device=self.device)
             for _ in range(cfg.num_layers)
         ]
+        compiled = config.compiles(self.device.type)
         self.backend = make_backend(config.attention_backend, self.device, slots, config.block_size,
-                                    cfg.sliding_window, config.compile)
+                                    cfg.sliding_window, compiled)
         self.host_pages: torch.Tensor | None = None
         self._decode_graph = None
         self._compile_s = 0.0
-        if config.compile:
+        if compiled:
             if self.device.type == "cuda":  # captured: CUDA graphs replay a decode step's launches
                 for cache in self.kv_caches:
                     torch._dynamo.mark_static_address(cache)  # written in place by the graphs
