@@ -146,3 +146,16 @@ def test_quantized_engine_generates(checkpoint):
     llm = LLM(str(checkpoint("llama")), num_blocks=64, block_size=4, quantization="int4")
     out = llm.generate([[5, 6, 7], [8, 9, 10, 11, 12]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in out] == [8, 8]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_dense_layers_run_on_prepacked_onednn_weights_on_a_cpu(dtype, tol):
+    """A CPU dense layer computes with its oneDNN-packed copy (faster than torch's default GEMM for
+    decode here), agreeing with F.linear, bias included, at 1 token and at a prefill's 200."""
+    weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    layer = DenseLinear(weight, bias)
+    assert layer.packed is not None
+    for tokens in (1, 200):
+        x = torch.randn(tokens, 64).to(dtype)
+        expected = F.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol * 8)

@@ -41,13 +41,15 @@ def native_bf16(flags: set[str]) -> bool:
 
 def _matmul_seconds(dtype: torch.dtype, rows: int, size: int = 1024, repeats: int = 20) -> float:
     """Best time of a [rows, size] x [size, 4 * size] matmul: a decoder MLP's shape."""
-    weight = torch.randn(4 * size, size).to(dtype)
+    from chatscale.models.quant.linear import DenseLinear  # the layer serving would run
+
+    layer = DenseLinear(torch.randn(4 * size, size).to(dtype))
     x = torch.randn(rows, size).to(dtype)
-    torch.nn.functional.linear(x, weight)  # warm-up (oneDNN primitive creation)
+    layer(x)  # warm-up (oneDNN primitive creation)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.nn.functional.linear(x, weight)
+        layer(x)
         best = min(best, time.perf_counter() - start)
     return best
 
