@@ -150,12 +150,12 @@ def test_quantized_engine_generates(checkpoint):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_dense_layers_run_on_prepacked_onednn_weights_on_a_cpu(dtype, tol):
-    """A CPU dense layer computes with its oneDNN-packed copy (faster than torch's default GEMM for
-    decode here), agreeing with F.linear, bias included, at 1 token and at a prefill's 200."""
-    weight, bias = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    """A CPU dense layer of 1 MiB or more computes with its oneDNN-packed copy (faster than torch's
+    default GEMM for decode here), agreeing with F.linear, bias included, at 1 token and at 200."""
+    weight, bias = torch.randn(1024, 512).to(dtype), torch.randn(1024).to(dtype)
     layer = DenseLinear(weight, bias)
-    assert layer.packed is not None
+    assert layer.packed is not None and DenseLinear(torch.randn(96, 64).to(dtype)).packed is None  # cache-sized
     for tokens in (1, 200):
-        x = torch.randn(tokens, 64).to(dtype)
+        x = torch.randn(tokens, 512).to(dtype)
         expected = F.linear(x.float(), weight.float(), bias.float())
         torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol * 8)
