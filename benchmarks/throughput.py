@@ -45,18 +45,20 @@ def make_requests(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[l
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def gemm_flops_by_tokens(weight: torch.Tensor, seconds: float = 0.3) -> dict[int, float]:
-    """Measured FLOP/s of x @ weight.T at each token count, on a layer of the served model."""
+def gemm_flops_by_tokens(layer: torch.nn.Module, dtype: torch.dtype, seconds: float = 0.3) -> dict[int, float]:
+    """Measured FLOP/s of one of the served model's linear layers, run as the engine runs it (the
+    kernel it chose: prepacked oneDNN, weight-only int8/int4, ...), at each token count."""
     rates = {}
-    for t in GEMM_TOKENS:
-        x = torch.randn(t, weight.shape[1], dtype=weight.dtype)
-        torch.nn.functional.linear(x, weight)
-        best, deadline = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            best = min(best, time.perf_counter() - start)
-        rates[t] = 2 * t * weight.numel() / best
+    with torch.no_grad():
+        for t in GEMM_TOKENS:
+            x = torch.randn(t, layer.in_features, dtype=dtype)
+            layer(x)
+            best, deadline = float("inf"), time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                layer(x)
+                best = min(best, time.perf_counter() - start)
+            rates[t] = 2 * t * layer.in_features * layer.out_features / best
     return rates
 
 
@@ -148,7 +150,7 @@ def main() -> None:
     model = llm.engine.model
     dtype = llm.engine.info.dtype
     hw = measure_this_machine(seconds=2.0)
-    rates = gemm_flops_by_tokens(model.layers[0].mlp.gate_up.detach())
+    rates = gemm_flops_by_tokens(model.layers[0].mlp.gate_up, model.dtype)
     weights = weight_bytes(model)
     print(f"read bandwidth {hw.memory_bandwidth / 1e9:.1f} GB/s; {dtype} GEMM on gate_up "
           + ", ".join(f"{t} tok {r / 1e9:.0f}" for t, r in rates.items()) + " GFLOP/s; "

@@ -50,6 +50,9 @@ def hf_config(arch: str, vocab_size: int):
             "original_max_position_embeddings": 64})
     if arch == "llama_long":  # room for tool prompts (hundreds of tokens of the byte-level tokenizer)
         return LlamaConfig(**{**common, "max_position_embeddings": 2048}, tie_word_embeddings=True)
+    if arch == "llama_wide":  # matrices of 1 MiB and more: CPU dense layers run on prepacked oneDNN weights
+        return LlamaConfig(**{**common, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8},
+                           tie_word_embeddings=True)
     if arch == "llama_mha":
         return LlamaConfig(**{**common, "num_key_value_heads": 4})
     if arch == "llama_mqa":

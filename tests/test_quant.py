@@ -159,3 +159,22 @@ def test_dense_layers_run_on_prepacked_onednn_weights_on_a_cpu(dtype, tol):
         x = torch.randn(tokens, 512).to(dtype)
         expected = F.linear(x.float(), weight.float(), bias.float())
         torch.testing.assert_close(layer(x).float(), expected, rtol=tol, atol=tol * 8)
+
+
+def test_a_prepacked_fp32_model_is_exact_alone_batched_and_against_transformers(checkpoint):
+    """fp32 output stays exact on the prepacked path: the same greedy tokens alone and batched with
+    others of other lengths, and the same as transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoint("llama_wide")
+    llm = LLM(str(path), num_blocks=256, block_size=16)
+    assert any(isinstance(m, DenseLinear) and m.packed is not None for m in llm.engine.model.modules())
+    prompts = [[(11 * i + j) % 250 + 3 for j in range(4 + 5 * i)] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert batched == [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # as ignore_eos: EOS is a token like any other
+    for prompt, ours in zip(prompts, batched):
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert out[0, len(prompt):].tolist() == ours
