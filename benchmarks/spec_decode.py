@@ -13,6 +13,7 @@ prompt lookup) at batch 1, the only batch size it supports. The physical limit: 
 cannot beat memory bandwidth / weight bytes without speculation.
 
   python benchmarks/spec_decode.py --threads 1 --json spec.json
+  python benchmarks/spec_decode.py --model smollm2 --threads 2 --batches 1,4   # n-gram lookup on SmolLM2
 """
 
 from __future__ import annotations
@@ -123,22 +124,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--model", default=None,
+                    help="another model than the demo pair (e.g. smollm2): plain vs n-gram lookup only, no peer")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     hw = measure_this_machine(1.0)
-    common = dict(threads=args.threads, num_blocks=2048)
+    common = dict(threads=args.threads, num_blocks=2048) | ({"model": args.model} if args.model else {})
     plain = LLM(**common)
-    engines = {
-        "plain": plain,
+    engines = {"plain": plain} | ({} if args.model else {
         "draft": LLM(**common, speculative_model="demo-draft"),
         "draft (forced)": LLM(**common, speculative_model="demo-draft", speculative_max_batch=10**6),
-        "ngram": LLM(**common, speculative_model="ngram"),
-    }
+    }) | {"ngram": LLM(**common, speculative_model="ngram")}
     batches = [int(b) for b in args.batches.split(",")]
     workloads = build_workloads(plain, args.output)
-    policy = engines["draft"].engine.core.spec_policy
+    policy = engines["ngram"].engine.core.spec_policy
     report = dict(command=" ".join(sys.argv), hardware=hw.name, bandwidth_gb_s=hw.memory_bandwidth / 1e9,
                   bf16_tflop_s=hw.bf16_flops / 1e12, ridge_tokens=policy.ridge_tokens,
                   policy_largest_batch=policy.largest_batch(policy.PRIOR_ACCEPTANCE),
@@ -146,7 +147,7 @@ def main() -> None:
     for name, prompts in workloads.items():
         chosen = engines if name == "chat" else {k: engines[k] for k in ("plain", "ngram")}
         report["results"][name] = measure(chosen, prompts, batches, args.output, args.repeats)
-    if not args.skip_hf:
+    if not args.skip_hf and not args.model:
         report["hf_batch1_chat"] = hf_assisted(workloads["chat"][:8], args.output, args.repeats)
         report["hf_batch1_summarise"] = hf_assisted(workloads["summarise"][:8], args.output, args.repeats)
 
