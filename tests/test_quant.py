@@ -154,7 +154,8 @@ def test_dense_layers_run_on_prepacked_onednn_weights_on_a_cpu(dtype, tol):
     default GEMM for decode here), agreeing with F.linear, bias included, at 1 token and at 200."""
     weight, bias = torch.randn(1024, 512).to(dtype), torch.randn(1024).to(dtype)
     layer = DenseLinear(weight, bias)
-    assert layer.packed is not None and DenseLinear(torch.randn(96, 64).to(dtype)).packed is None  # cache-sized
+    assert layer.onednn_weight is not None
+    assert DenseLinear(torch.randn(96, 64).to(dtype)).onednn_weight is None  # cache-sized: not packed
     for tokens in (1, 200):
         x = torch.randn(tokens, 512).to(dtype)
         expected = F.linear(x.float(), weight.float(), bias.float())
@@ -168,7 +169,12 @@ def test_a_prepacked_fp32_model_is_exact_alone_batched_and_against_transformers(
 
     path = checkpoint("llama_wide")
     llm = LLM(str(path), num_blocks=256, block_size=16)
-    assert any(isinstance(m, DenseLinear) and m.packed is not None for m in llm.engine.model.modules())
+    model = llm.engine.model
+    packed = [m.onednn_weight for m in model.modules()
+              if isinstance(m, DenseLinear) and m.onednn_weight is not None]
+    assert packed  # and memory reports count the copies: resident = read + packed
+    assert llm.engine.info.resident_weight_bytes == model.resident_bytes() == model.weight_bytes() + sum(
+        p.numel() * p.element_size() for p in packed)
     prompts = [[(11 * i + j) % 250 + 3 for j in range(4 + 5 * i)] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]

@@ -128,7 +128,8 @@ class Metrics:
         self.ridge_point = gauge("ridge_point", "peak_flops / peak_memory_bandwidth: FLOPs per byte where "
                                                 "compute, not memory, becomes the bound.")
         self.model_weight_bytes = gauge("model_weight_bytes", "Bytes of model weights resident on the device "
-                                                              "(quantized layers at their packed size).")
+                                                              "(quantized layers at their packed size, prepacked "
+                                                              "copies of dense CPU layers included).")
         self._recent: deque[tuple[float, float, float, float]] = deque()  # (time, flops, bytes, seconds)
         self._lock = threading.Lock()
         self._shape: Model | None = None
@@ -144,7 +145,7 @@ class Metrics:
         self._dtype = info.dtype
         self.peaks = hw = info.peaks
         self._stored = WeightBytes(*info.weight_storage)
-        self.model_weight_bytes.set(info.weight_bytes)
+        self.model_weight_bytes.set(info.resident_weight_bytes)
         self.peak_flops.set(hw.flops(self._dtype))
         self.peak_memory_bandwidth.set(hw.memory_bandwidth)
         self.ridge_point.set(hw.ridge_point(self._dtype))

@@ -121,7 +121,8 @@ class EngineCore:
             dtype=self.dtype_name, device=str(self.model.device), model_config=self.model.cfg.raw,
             sampling_defaults=dict(self.generation_defaults.sampling), peaks=self.peaks,
             kv_cache_bytes=self.kv.num_blocks * kv_bytes_per_block(self.model, self.kv.block_size),
-            weight_bytes=weight_bytes(self.model), weight_storage=self.model.weight_storage(),
+            weight_bytes=weight_bytes(self.model), resident_weight_bytes=self.model.resident_bytes(),
+            weight_storage=self.model.weight_storage(),
             kv_tier_pages=0 if self.kv.tier is None else self.kv.tier.num_slots)
 
     def _lookahead(self, seq: Sequence) -> int:

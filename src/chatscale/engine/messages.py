@@ -85,7 +85,8 @@ class EngineInfo:
     sampling_defaults: dict[str, Any]  # generation_config.json's sampling fields
     peaks: Hardware  # the device's measured (CPU) or datasheet (GPU) peaks
     kv_cache_bytes: int = 0
-    weight_bytes: int = 0
+    weight_bytes: int = 0  # what a forward reads
+    resident_weight_bytes: int = 0  # what the weights hold in memory (prepacked copies included)
     # Stored bytes per weight (shared, embedding value, experts or a dense model's MLPs): quantized
     # layers make them differ from the dtype's; the metrics count a step's bytes with them.
     weight_storage: tuple[float, float, float] = (0.0, 0.0, 0.0)

@@ -16,7 +16,7 @@ from chatscale.models.attention import AttentionMetadata, paged_attention
 from chatscale.models.config import ModelConfig
 from chatscale.models.layers import DenseMLP, FusedSlot, SlotPart, param, rms_norm
 from chatscale.models.moe import SparseMoE
-from chatscale.models.quant.linear import Linear
+from chatscale.models.quant.linear import DenseLinear, Linear
 from chatscale.models.quant.policy import Weight, WeightFormat
 from chatscale.models.quant.weight import QuantizedWeight
 from chatscale.models.rope import RotaryEmbedding, apply_rotary
@@ -113,8 +113,16 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.logits(hidden)
 
     def weight_bytes(self) -> int:
-        """Bytes of weights resident (a tied table counted once): quantized layers at their packed size."""
+        """Bytes of weights a forward reads (a tied table counted once): quantized layers at their
+        packed size."""
         return _stored_bytes(self.parameters())
+
+    def resident_bytes(self) -> int:
+        """Bytes the weights hold in memory: weight_bytes() plus the oneDNN-prepacked copies of dense
+        CPU layers (models/quant/linear.py)."""
+        packed = [m.onednn_weight for m in self.modules()
+                  if isinstance(m, DenseLinear) and m.onednn_weight is not None]
+        return self.weight_bytes() + _stored_bytes(packed)
 
     def weight_storage(self) -> tuple[float, float, float]:
         """Stored bytes per weight of (the shared weights, an embedding value, the planner's 'expert'

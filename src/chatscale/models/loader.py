@@ -113,5 +113,6 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", quant
     torch_dtype = compute_dtype(dtype, cfg.dtype, device)
     model = LlamaForCausalLM(cfg, torch_dtype, device)
     model.load_weights(weights, WeightFormat(torch_dtype, device, quantization, group_size))
-    log.info("%s: %.1f MiB of weights resident", path.name, model.weight_bytes() / 2**20)
+    log.info("%s: %.1f MiB of weights read per forward, %.1f MiB resident (with prepacked copies)", path.name,
+             model.weight_bytes() / 2**20, model.resident_bytes() / 2**20)
     return model.eval()

@@ -103,11 +103,11 @@ class DenseLinear(Linear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(weight.shape[0], weight.shape[1], bias)
         self.weight = _param(weight)
-        self.packed = _onednn_packed(weight)
+        self.onednn_weight = _onednn_packed(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and not torch.compiler.is_compiling():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.onednn_weight is not None and x.dim() == 2 and not torch.compiler.is_compiling():
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
