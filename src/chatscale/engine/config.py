@@ -131,9 +131,10 @@ class EngineConfig:
 
     def compiles(self, device_type: str) -> bool:
         """Whether decode steps are compiled on `device`. By default only on CUDA: there the compiled
-        step is captured in CUDA graphs, one launch for hundreds of kernels. On a CPU inductor's
-        decode step measured no faster than eager ATen (SmolLM2-135M: 19.8 vs 20 tok/s; the tiny
-        model: 1.1 vs 1.06 ms a token) and compiling took 65-88 s (docs/benchmarks.md)."""
+        step is captured in CUDA graphs, one launch for hundreds of kernels. On a CPU the compiled
+        step lost on SmolLM2-135M (49 vs 37 ms a token: it traces the default GEMM, not the
+        prepacked oneDNN weights) after a 128 s compile, and won only on a toy 3-layer model (0.64 vs
+        1.16 ms; docs/benchmarks.md)."""
         return self.compile if self.compile is not None else device_type == "cuda"
 
     @classmethod
