@@ -144,7 +144,7 @@ def kernel_ceiling(model: Path, threads: int, repeats: int = 20) -> dict:
 def server_command(name: str, args: argparse.Namespace, users: int, port: int) -> list[str]:
     if name == "chatscale":
         return [sys.executable, "-m", "chatscale.cli", "serve", "--model", str(args.model), "--port", str(port),
-                "--threads", str(args.threads)]
+                "--threads", str(args.threads), "--dtype", args.dtype]
     slot_ctx = args.input_len + args.output_len + 128  # prompt, answer and the chat template's tokens
     return [str(args.llama_server), "-m", str(args.gguf), "-t", str(args.threads), "--parallel", str(users),
             "-c", str(users * slot_ctx), "--host", "127.0.0.1", "--port", str(port)]
@@ -257,6 +257,7 @@ def main() -> int:
     p.add_argument("--gguf", type=Path, default=None, help="default: converted into --llama-dir/models/")
     p.add_argument("--outtype", default="bf16", choices=["f32", "bf16"],
                    help="the GGUF's weight type when converting the checkpoint for llama.cpp")
+    p.add_argument("--dtype", default="auto", help="chatscale's --dtype (auto keeps an fp32 checkpoint in fp32)")
     p.add_argument("--users", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-user", type=int, default=4)
     p.add_argument("--input-len", type=int, default=128)
