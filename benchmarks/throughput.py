@@ -34,7 +34,7 @@ from chatscale.engine.llm import LLM
 from chatscale.engine.runner import weight_bytes
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.planner.catalog import from_hf_config
-from chatscale.planner.hardware import measure_this_machine
+from chatscale.planner.hardware import best_seconds, measure_this_machine
 from chatscale.step_work import step_work
 
 GEMM_TOKENS = (1, 4, 16, 64, 256, 1024, 2048)
@@ -52,13 +52,7 @@ def gemm_flops_by_tokens(layer: torch.nn.Module, dtype: torch.dtype, seconds: fl
     with torch.no_grad():
         for t in GEMM_TOKENS:
             x = torch.randn(t, layer.in_features, dtype=dtype)
-            layer(x)
-            best, deadline = float("inf"), time.perf_counter() + seconds
-            while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                layer(x)
-                best = min(best, time.perf_counter() - start)
-            rates[t] = 2 * t * layer.in_features * layer.out_features / best
+            rates[t] = 2 * t * layer.in_features * layer.out_features / best_seconds(lambda: layer(x), seconds)
     return rates
 
 

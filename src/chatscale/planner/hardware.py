@@ -167,7 +167,7 @@ def get_hardware(name: str) -> Hardware:
     return CATALOG[key]
 
 
-def _best_seconds(fn: Callable[[], object], budget: float, sync: Callable[[], None]) -> float:
+def best_seconds(fn: Callable[[], object], budget: float, sync: Callable[[], None] = lambda: None) -> float:
     """Fastest of repeated runs of `fn` within `budget` seconds (at least three runs).
 
     The best run is the one least disturbed by other processes sharing the machine, so it is the
@@ -223,14 +223,14 @@ def measure_this_machine(seconds: float = 1.5, device: str | None = None) -> Har
 
     with torch.inference_mode():
         big = torch.ones(stream_elems, dtype=torch.float32, device=dev)
-        read_s = _best_seconds(lambda: big.sum(), seconds * 0.3, sync)
+        read_s = best_seconds(lambda: big.sum(), seconds * 0.3, sync)
         bandwidth = big.numel() * big.element_size() / read_s
         del big
 
         def matmul_flops(dtype: torch.dtype, budget: float) -> float:
             a = torch.randn(matmul_n, matmul_n, device=dev).to(dtype)
             b = torch.randn(matmul_n, matmul_n, device=dev).to(dtype)
-            return 2 * matmul_n**3 / _best_seconds(lambda: a @ b, budget, sync)
+            return 2 * matmul_n**3 / best_seconds(lambda: a @ b, budget, sync)
 
         bf16 = matmul_flops(torch.bfloat16, seconds * 0.4)
         fp32 = matmul_flops(torch.float32, seconds * 0.3)
