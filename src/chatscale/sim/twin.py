@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chatscale.engine.config import EngineConfig
 from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.scheduler import Scheduler, SchedulerOutput
@@ -26,15 +27,16 @@ NO_EOS: frozenset[int] = frozenset()  # answers run to their trace length, as wi
 
 @dataclass
 class TwinConfig:
-    """The engine settings that shape scheduling (EngineConfig's names)."""
+    """The engine settings that shape scheduling (EngineConfig's names and, where it has them, its
+    defaults, so the twin schedules as a default engine does)."""
 
     num_blocks: int = 4096
-    block_size: int = 16
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    fair_share_seqs: int = 16
+    block_size: int = EngineConfig.block_size
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
+    fair_share_seqs: int = EngineConfig.fair_share_seqs
     max_model_len: int = 1 << 20
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     vocab: int = 32000
 
 
