@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from chatscale.engine.async_engine import AsyncEngine
+from chatscale.engine.async_engine import AsyncEngine, same_path_env
 from chatscale.engine.config import EngineConfig
 from chatscale.server.api import create_app
 from chatscale.server.settings import ServerSettings
@@ -61,9 +60,8 @@ def running(app: FastAPI) -> Iterator[str]:
 def cli_server(args: list[str], output=subprocess.DEVNULL, timeout: float = 90) -> tuple[subprocess.Popen, str]:
     """`chatscale ARGS --port P` in its own process on a free port, once its /health answers 200."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # tests' executors importable
     proc = subprocess.Popen([sys.executable, "-m", "chatscale.cli", *args, "--port", str(port)], stdout=output,
-                            stderr=subprocess.STDOUT, env=env)
+                            stderr=subprocess.STDOUT, env=same_path_env())  # the tests' executors importable
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:

@@ -68,10 +68,8 @@ class AsyncEngine(EngineFront):
         from chatscale.engine.core_process import command
 
         level = logging.getLogger("chatscale").getEffectiveLevel()
-        # The engine imports what this process imports (as multiprocessing's spawn does): same path.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.process = subprocess.Popen([sys.executable, *command(config, num_blocks, requests_addr, results_addr,
-                                                                   level)], env=env)
+                                                                   level)], env=same_path_env())
         self._exited = os.pidfd_open(self.process.pid)  # readable once the process has exited
         try:
             self.info: EngineInfo = self._wait_ready(start_timeout)
@@ -237,6 +235,12 @@ class AsyncEngine(EngineFront):
         os.close(self._exited)
         self._ctx.destroy(linger=0)
         self._dir.cleanup()
+
+
+def same_path_env() -> dict[str, str]:
+    """This process's environment for a child Python process that must import what this one imports
+    (as multiprocessing's spawn does): the same import path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
 def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
