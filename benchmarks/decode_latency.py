@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,8 +32,10 @@ TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_atte
             bos_token_id=0, eos_token_id=0)
 
 
-def decode_ms_per_token(model: str, threads: int, compile_: bool, prompt_len: int, output_len: int) -> tuple:
-    """(median ms per decoded token over `repeats` runs of one engine, compile seconds, weight bytes)."""
+def decode_ms_per_token(model: str, threads: int, compile_: bool, prompt_len: int,
+                        output_len: int) -> tuple[Callable[[], float], float, int]:
+    """An engine on `model`, warmed up: (a function timing one greedy run's ms per decoded token, the
+    first run's seconds (the compile, when compiled), the model's weight bytes)."""
     from chatscale import LLM, SamplingParams
     from chatscale.engine.runner import weight_bytes
 
