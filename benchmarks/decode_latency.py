@@ -7,7 +7,7 @@ launches, host syncs), which a tiny model shows undiluted. For each model the en
 `--repeats` times alternating; the table shows medians. With --gguf (the same weights as a GGUF) and
 a llama.cpp build, `llama-bench -p 0 -n N` decodes with the same threads in the same run.
 
-    .venv/bin/python benchmarks/decode_latency.py --model tiny --model ~/.cache/chatscale-bench/smollm2-135m-instruct-f32 \
+    .venv/bin/python benchmarks/decode_latency.py --model tiny --model SMOLLM2_F32 \
         --gguf SmolLM2-135M-Instruct-f32.gguf --llama-dir LLAMA_CPP_DIR
 """
 
