@@ -37,7 +37,6 @@ def decode_ms_per_token(model: str, threads: int, compile_: bool, prompt_len: in
     """An engine on `model`, warmed up: (a function timing one greedy run's ms per decoded token, the
     first run's seconds (the compile, when compiled), the model's weight bytes)."""
     from chatscale import LLM, SamplingParams
-    from chatscale.engine.runner import weight_bytes
 
     llm = LLM(model, threads=threads, dtype="float32", compile=compile_, kv_cache_bytes=64 << 20)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
@@ -50,7 +49,7 @@ def decode_ms_per_token(model: str, threads: int, compile_: bool, prompt_len: in
         stamps = [time.perf_counter() for _ in llm.stream(prompt, params)]
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
 
-    return one, warm_s, weight_bytes(llm.engine.model)
+    return one, warm_s, llm.engine.model.weight_bytes()
 
 
 def llama_bench_tok_s(llama_dir: Path, gguf: Path, threads: int, output_len: int, repeats: int) -> float:

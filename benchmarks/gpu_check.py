@@ -57,7 +57,7 @@ def exactness(path: Path, name: str) -> dict:
 def decode_speed(path: Path, batch: int, steps: int = 64) -> dict:
     from chatscale import LLM, SamplingParams
     from chatscale.device_peaks import device_peaks
-    from chatscale.engine.runner import kv_bytes_per_block, weight_bytes
+    from chatscale.engine.runner import kv_bytes_per_block
 
     llm = LLM(str(path), device="cuda", dtype="bfloat16", kv_cache_bytes=2 << 30, max_num_seqs=max(batch, 1))
     engine = llm.engine
@@ -79,7 +79,7 @@ def decode_speed(path: Path, batch: int, steps: int = 64) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     per_token_kv = kv_bytes_per_block(engine.model, 1)
-    moved = n * weight_bytes(engine.model) + contexts * per_token_kv
+    moved = n * engine.model.weight_bytes() + contexts * per_token_kv
     peaks = device_peaks(engine.runner.device)
     return {"batch": batch, "tok_s": batch * n / seconds, "step_ms": 1e3 * seconds / n,
             "mbu": moved / seconds / peaks.memory_bandwidth, "bandwidth_GBps": peaks.memory_bandwidth / 1e9}

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import save_json  # noqa: E402
 
 from chatscale.engine.llm import LLM  # noqa: E402
-from chatscale.engine.runner import weight_bytes  # noqa: E402
 from chatscale.engine.sampling_params import SamplingParams  # noqa: E402
 from chatscale.models.demo import demo_model_path  # noqa: E402
 from chatscale.planner.hardware import measure_this_machine  # noqa: E402
@@ -143,7 +142,7 @@ def main() -> None:
     report = dict(command=" ".join(sys.argv), hardware=hw.name, bandwidth_gb_s=hw.memory_bandwidth / 1e9,
                   bf16_tflop_s=hw.bf16_flops / 1e12, ridge_tokens=policy.ridge_tokens,
                   policy_largest_batch=policy.largest_batch(policy.PRIOR_ACCEPTANCE),
-                  roofline_batch1_tok_s=hw.memory_bandwidth / weight_bytes(plain.engine.model), results={})
+                  roofline_batch1_tok_s=hw.memory_bandwidth / plain.engine.model.weight_bytes(), results={})
     for name, prompts in workloads.items():
         chosen = engines if name == "chat" else {k: engines[k] for k in ("plain", "ngram")}
         report["results"][name] = measure(chosen, prompts, batches, args.output, args.repeats)

@@ -31,7 +31,6 @@ import torch
 from common import save_json, smollm2_checkpoint
 
 from chatscale.engine.llm import LLM
-from chatscale.engine.runner import weight_bytes
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.planner.catalog import from_hf_config
 from chatscale.planner.hardware import best_seconds, measure_this_machine
@@ -145,7 +144,7 @@ def main() -> None:
     dtype = llm.engine.info.dtype
     hw = measure_this_machine(seconds=2.0)
     rates = gemm_flops_by_tokens(model.layers[0].mlp.gate_up, model.dtype)
-    weights = weight_bytes(model)
+    weights = model.weight_bytes()
     print(f"read bandwidth {hw.memory_bandwidth / 1e9:.1f} GB/s; {dtype} GEMM on gate_up "
           + ", ".join(f"{t} tok {r / 1e9:.0f}" for t, r in rates.items()) + " GFLOP/s; "
           f"weights {weights / 1e6:.0f} MB", flush=True)

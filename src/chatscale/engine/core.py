@@ -23,7 +23,7 @@ from chatscale.engine.kv_cache import KVCacheManager
 from chatscale.engine.kv_tier import HostTier
 from chatscale.engine.messages import AddRequest, EngineInfo, EngineSnapshot, SeqDelta, StepResult, StepStats
 from chatscale.engine.native_memory import bound_matmul_kernel_caches
-from chatscale.engine.runner import kv_bytes_per_block, weight_bytes
+from chatscale.engine.runner import kv_bytes_per_block
 from chatscale.engine.scheduler import Scheduler, SchedulerOutput
 from chatscale.engine.sequence import Sequence
 from chatscale.engine.spec_decode import SpecDecodeStats, SpecPolicy
@@ -121,7 +121,7 @@ class EngineCore:
             dtype=self.dtype_name, device=str(self.model.device), model_config=self.model.cfg.raw,
             sampling_defaults=dict(self.generation_defaults.sampling), peaks=self.peaks,
             kv_cache_bytes=self.kv.num_blocks * kv_bytes_per_block(self.model, self.kv.block_size),
-            weight_bytes=weight_bytes(self.model), resident_weight_bytes=self.model.resident_bytes(),
+            weight_bytes=self.model.weight_bytes(), resident_weight_bytes=self.model.resident_bytes(),
             weight_storage=self.model.weight_storage(),
             kv_tier_pages=0 if self.kv.tier is None else self.kv.tier.num_slots)
 

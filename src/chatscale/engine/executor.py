@@ -18,7 +18,7 @@ import torch
 
 from chatscale.engine.config import EngineConfig
 from chatscale.engine.messages import TokenLogprobs
-from chatscale.engine.runner import ModelRunner, Work, weight_bytes, works_for
+from chatscale.engine.runner import ModelRunner, Work, works_for
 from chatscale.engine.sampler import Sampler, host_tensor
 from chatscale.engine.scheduler import SchedulerOutput
 from chatscale.engine.sequence import Sequence
@@ -84,7 +84,7 @@ class InProcessExecutor:
             raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size} tokens) differs from the "
                              f"target's ({self.model.cfg.vocab_size}); a draft must share the target's tokenizer")
         self.proposer = DraftModelProposer(ModelRunner(draft, config, self.num_blocks), self.sampler, self.structured)
-        self.draft_weight_ratio = weight_bytes(draft) / weight_bytes(self.model)
+        self.draft_weight_ratio = draft.weight_bytes() / self.model.weight_bytes()
 
     def apply_copies(self, copies: list[tuple[str, int, int]]) -> None:
         self.runner.apply_copies(copies)

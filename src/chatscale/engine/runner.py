@@ -58,11 +58,6 @@ def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * block_size
 
 
-def weight_bytes(model: LlamaForCausalLM) -> int:
-    """Bytes of weights a forward pass reads (tied embeddings counted once, quantized ones packed)."""
-    return model.weight_bytes()
-
-
 def kv_cache_budget(config: EngineConfig, device: torch.device, bytes_per_block: int,
                     context_len: int) -> tuple[int, str]:
     """Bytes of the KV pool and why: --kv-cache-bytes if given; else what max_num_seqs sequences of
