@@ -116,7 +116,7 @@ async def chat_page() -> FileResponse:
 async def health(request: Request) -> JSONResponse:
     """200 when requests can be served; 503 while loading, draining or after the engine failed."""
     state = _state(request)
-    body = Health(status=state.status, error=state.load_error)
+    body = Health(status=state.status, error=state.error)
     return JSONResponse(body.model_dump(exclude_none=True), 200 if body.status == "ok" else 503)
 
 

@@ -33,9 +33,14 @@ class ServerState:
         """`ok` only when requests can be served: what /health reports to load balancers."""
         if self.draining:
             return "draining"
-        if self.load_error is not None or (self.engine is not None and self.engine.error is not None):
+        if self.error is not None:
             return "failed"
         return "loading" if self.engine is None else "ok"
+
+    @property
+    def error(self) -> str | None:
+        """Why the server failed: loading the model, or the engine stopping later."""
+        return self.load_error or (self.engine.error if self.engine is not None else None)
 
     def observe_engine(self) -> None:
         """Refresh the load gauges from the engine's latest snapshot (sent with its last step)."""
@@ -47,6 +52,6 @@ class ServerState:
         if status != "ok":
             message = {"loading": "The model is still loading; retry shortly.",
                        "draining": "This server is shutting down; retry on another replica.",
-                       "failed": "The engine is not running."}[status]
+                       "failed": f"The engine is not running: {self.error}"}[status]
             raise APIError(503, message, "server_error", code=f"server_{status}", headers={"Retry-After": "1"})
         return self.engine
