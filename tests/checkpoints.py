@@ -63,6 +63,8 @@ def hf_config(arch: str, vocab_size: int):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=32)
+    if arch == "qwen3_mqa":  # one KV head: tensor-parallel ranks replicate it
+        return Qwen3Config(**{**common, "num_key_value_heads": 1}, head_dim=32)
     moe = dict(common, intermediate_size=96, num_experts_per_tok=2)
     if arch == "mixtral":
         return MixtralConfig(**moe, num_local_experts=4)

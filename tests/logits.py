@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 
 from chatscale.engine.llm import LLM
-from chatscale.engine.runner import works_for
+from chatscale.engine.runner import Work
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.engine.sequence import Sequence
 
 
 def prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    """[len(prompt), vocab] fp32 logits, through the engine's own runner and KV pages (freed after)."""
+    """[len(prompt), vocab] fp32 logits, through the engine's own runner and KV pages (freed after);
+    under tensor parallelism, every rank's shard takes part."""
     seq = Sequence("r", prompt, SamplingParams(max_tokens=1))
     assert llm.engine.kv.allocate(seq, len(prompt))
-    runner = llm.engine.runner
-    out = llm.engine.model.logits(runner.forward(runner.prepare(works_for([(seq, len(prompt))]))))
+    out = llm.engine.runner.run([Work(seq, 0, prompt, num_logits=len(prompt))])
     llm.engine.kv.free(seq)
     return out

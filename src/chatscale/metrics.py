@@ -47,6 +47,7 @@ class Metrics:
 
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         labels = ["model_name"]
 
         def gauge(name: str, doc: str) -> Gauge:
@@ -130,6 +131,15 @@ class Metrics:
         self.model_weight_bytes = gauge("model_weight_bytes", "Bytes of model weights resident on the device "
                                                               "(quantized layers at their packed size, prepacked "
                                                               "copies of dense CPU layers included).")
+        # ---- tensor parallelism
+        self.step_collective_seconds = histogram(
+            "step_collective_seconds", "Seconds rank 0 spent in tensor-parallel collectives (all-reduces, "
+                                       "the logits' all-gather), one per step (absent on one device).", SECONDS)
+        self.kv_cache_rank_used_bytes = Gauge(
+            PREFIX + "kv_cache_rank_used_bytes", "Bytes of KV pages in use on each tensor-parallel rank (each "
+                                                  "holds its heads' share of every page).",
+            ["model_name", "rank"], registry=self.registry)
+        self._rank_kv = []
         self._recent: deque[tuple[float, float, float, float]] = deque()  # (time, flops, bytes, seconds)
         self._lock = threading.Lock()
         self._shape: Model | None = None
@@ -149,6 +159,9 @@ class Metrics:
         self.peak_flops.set(hw.flops(self._dtype))
         self.peak_memory_bandwidth.set(hw.memory_bandwidth)
         self.ridge_point.set(hw.ridge_point(self._dtype))
+        self._page_bytes = info.kv_cache_bytes / info.num_blocks  # one rank's share of a page
+        self._rank_kv = [self.kv_cache_rank_used_bytes.labels(self.model_name, str(r))
+                         for r in range(info.tensor_parallel_size)]
         step_listeners.append(self.observe_step)
 
     # ---- feeds ----------------------------------------------------------------------------------
@@ -160,6 +173,8 @@ class Metrics:
         self.step_flops.inc(work.flops)
         self.step_bytes.inc(work.bytes)
         self.step_seconds.inc(step.duration_s)
+        if len(self._rank_kv) > 1:
+            self.step_collective_seconds.observe(step.collective_s)
         for layer in step.expert_tokens or ():
             for n in layer:
                 self.moe_tokens_per_expert.observe(n)
@@ -175,6 +190,8 @@ class Metrics:
         self.kv_cache_usage_perc.set(snap.kv_usage)
         self.kv_cache_cached_perc.set(snap.num_cached_free_blocks / snap.num_blocks)
         self.load.set(max(snap.kv_usage, running / max_num_seqs) + waiting / max_num_seqs)
+        for rank_kv in self._rank_kv:
+            rank_kv.set(snap.num_used_blocks * self._page_bytes)
         for i, (metric, read) in enumerate(self._mirrors):
             total = read(snap)
             if total is not None:

@@ -50,6 +50,7 @@ class EngineConfig:
     compile: bool | None = field(default_factory=lambda: {"0": False, "1": True}.get(
         os.environ.get("CHATSCALE_COMPILE", "")))
     executor: str = "inprocess"  # what runs the model: "inprocess", or "package.module:Class"
+    tensor_parallel_size: int = 1  # ranks (processes, one per device) each holding a shard of the model
     max_failed_steps: int = 3  # consecutive failed steps after which the engine is declared dead
 
     def __post_init__(self) -> None:
@@ -65,6 +66,10 @@ class EngineConfig:
             raise ValueError("kv_cache_fraction must be in (0, 1]")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be at least 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.tensor_parallel_size > 1 and self.kv_host_bytes:
+            raise ValueError("the second KV tier (--kv-host-bytes) is not supported with --tensor-parallel-size > 1")
 
     def context_len(self, max_position_embeddings: int) -> int:
         """Tokens a sequence may reach: --max-model-len, at most what the model was trained for."""
@@ -125,6 +130,9 @@ class EngineConfig:
                             "step's launches; off on a CPU, where it measured no faster and takes a minute)")
         p.add_argument("--executor", default=d["executor"].default,
                        help="what runs the model: 'inprocess' (one device) or 'package.module:Class'")
+        p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d["tensor_parallel_size"].default,
+                       help="split every layer over this many ranks, one process per device (NCCL on CUDA: "
+                            "cuda:0..N-1 from --device; gloo on CPU: the cores split between the ranks)")
         p.add_argument("--max-failed-steps", type=int, default=d["max_failed_steps"].default,
                        help="consecutive failed engine steps (each fails only its requests) before the "
                             "engine is declared dead and /health turns 503")

@@ -123,7 +123,8 @@ class EngineCore:
             kv_cache_bytes=self.kv.num_blocks * kv_bytes_per_block(self.model, self.kv.block_size),
             weight_bytes=self.model.weight_bytes(), resident_weight_bytes=self.model.resident_bytes(),
             weight_storage=self.model.weight_storage(),
-            kv_tier_pages=0 if self.kv.tier is None else self.kv.tier.num_slots)
+            kv_tier_pages=0 if self.kv.tier is None else self.kv.tier.num_slots,
+            tensor_parallel_size=self.config.tensor_parallel_size)
 
     def _lookahead(self, seq: Sequence) -> int:
         """Tokens to propose for `seq`: none where the target's distribution depends on tokens not
@@ -186,6 +187,8 @@ class EngineCore:
         sampled_before = plan.sampled
         try:
             out = self.executor.execute(plan)
+        except EngineDeadError:
+            raise
         except Exception as exc:  # fail this step's requests, keep serving the rest
             return self._fail_step(plan, exc)
         self.failed_steps = 0
@@ -196,7 +199,7 @@ class EngineCore:
         self.last_step = StepStats(
             num_seqs=len(chunks), num_tokens=sum(n for _, n in chunks),
             num_prefill_tokens=sum(n for _, n in plan.scheduled if n > 1), duration_s=now - start, end_time=now,
-            chunks=chunks, expert_tokens=out.expert_tokens)
+            chunks=chunks, expert_tokens=out.expert_tokens, collective_s=out.collective_s)
         deltas = failed + [self._delta(seq, tokens, out) for seq, tokens in appended]
         for seq, _ in appended:
             if seq.is_finished:

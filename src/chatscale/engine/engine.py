@@ -121,3 +121,7 @@ class LLMEngine(EngineFront):
         for abort in aborts:
             self.core.abort(abort.request_id, abort.index, abort.keep_tokens)
         return outputs
+
+    def shutdown(self) -> None:
+        """Release what the executor holds beyond this process (tensor-parallel ranks)."""
+        self.core.shutdown()

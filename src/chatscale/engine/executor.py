@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -27,6 +27,9 @@ from chatscale.engine.structured.hook import StructuredOutputs
 from chatscale.models.llama import LlamaForCausalLM
 from chatscale.models.loader import load_model
 
+if TYPE_CHECKING:
+    from chatscale.distributed.group import TensorParallelGroup
+
 log = logging.getLogger("chatscale.engine")
 
 
@@ -39,6 +42,7 @@ class ModelOutput:
     logprobs: dict[Sequence, list[TokenLogprobs | None]] = field(default_factory=dict)
     proposed: dict[Sequence, int] = field(default_factory=dict)  # speculative tokens verified, per sequence
     expert_tokens: list[list[int]] | None = None  # MoE: tokens per expert and layer
+    collective_s: float = 0.0  # tensor parallelism: seconds rank 0 spent in the model's collectives
 
 
 class Executor(Protocol):
@@ -59,9 +63,11 @@ class InProcessExecutor:
     """The model, sampler and proposer in the engine core's own process, on one device."""
 
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None,
-                 structured: StructuredOutputs | None = None) -> None:
+                 structured: StructuredOutputs | None = None, tp: TensorParallelGroup | None = None) -> None:
+        """On one device; with `tp`, as tensor-parallel rank 0, holding its shard (the other ranks
+        follow the steps its runner lays out: distributed/executor.py)."""
         self.model = load_model(config.model, config.dtype, config.device, config.quantization,
-                                config.quant_group_size)
+                                config.quant_group_size, tp)
         self.runner = ModelRunner(self.model, config, num_blocks)
         self.num_blocks = self.runner.num_blocks
         self.sampler = Sampler(eos_token_ids)
@@ -74,6 +80,7 @@ class InProcessExecutor:
             self._load_draft(config)
 
     def _load_draft(self, config: EngineConfig) -> None:
+        """The draft model, whole, beside the target (under tensor parallelism: on rank 0 only)."""
         path = config.speculative_model
         if path == "demo-draft":
             from chatscale.models.demo import demo_model_path
@@ -154,7 +161,12 @@ def _logit_rows(works: list[Work]) -> list[tuple[Sequence, int, list[int]]]:
 
 def make_executor(config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None,
                   structured: StructuredOutputs | None = None) -> Executor:
-    """The executor `config.executor` names: "inprocess", or "package.module:Class" (same arguments)."""
+    """The executor `config.executor` names: "inprocess" (one device, or one process per rank with
+    --tensor-parallel-size), or "package.module:Class" (same arguments)."""
+    if config.executor == "inprocess" and config.tensor_parallel_size > 1:
+        from chatscale.distributed.executor import TensorParallelExecutor
+
+        return TensorParallelExecutor(config, eos_token_ids, num_blocks, structured)
     if config.executor == "inprocess":
         return InProcessExecutor(config, eos_token_ids, num_blocks, structured)
     module, _, name = config.executor.partition(":")

@@ -39,6 +39,16 @@ class LLM:
                     done[out.request_id] = out
         return [done[i] for i in ids]
 
+    def shutdown(self) -> None:
+        """Stop the engine's other processes (tensor-parallel ranks); the object is unusable after."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def chat_prompt(self, messages: Messages) -> list[int]:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 

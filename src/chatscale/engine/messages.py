@@ -40,6 +40,7 @@ class StepStats:
     chunks: list[tuple[int, int]] = field(default_factory=list)
     # MoE models: tokens routed to each expert, one list per MoE layer; None for dense models.
     expert_tokens: list[list[int]] | None = None
+    collective_s: float = 0.0  # tensor parallelism: rank 0's seconds in the model's collectives
 
 
 @dataclass
@@ -91,6 +92,7 @@ class EngineInfo:
     # layers make them differ from the dtype's; the metrics count a step's bytes with them.
     weight_storage: tuple[float, float, float] = (0.0, 0.0, 0.0)
     kv_tier_pages: int = 0  # the second KV tier's pages (0: off, or it did not pay here)
+    tensor_parallel_size: int = 1  # ranks; kv_cache_bytes and weight_bytes are rank 0's share
 
 
 # ---- server -> engine -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from chatscale.engine.config import EngineConfig, available_memory_bytes
+from chatscale.engine.errors import EngineDeadError
 from chatscale.engine.sequence import Sequence
 from chatscale.models.attention import AttentionMetadata, make_backend
 from chatscale.models.attention.metadata import MAX_DECODE_QUERY, DecodeStep
@@ -67,10 +68,27 @@ def kv_cache_budget(config: EngineConfig, device: torch.device, bytes_per_block:
         return config.kv_cache_bytes, "--kv-cache-bytes"
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory_bytes()
     share = int(free * config.kv_cache_fraction)
+    if device.type == "cpu":
+        share //= config.tensor_parallel_size  # CPU ranks share one host's memory
     usable = config.max_num_seqs * -(-context_len // config.block_size) * bytes_per_block
     if usable <= share:
         return usable, f"{config.max_num_seqs} sequences x {context_len} tokens"
     return share, f"{config.kv_cache_fraction:.0%} of {free / 2**30:.1f} GiB free"
+
+
+@dataclass
+class StepLayout:
+    """One step, flat, on the host: what the model's tensors are made from (and what rank 0 sends
+    the other tensor-parallel ranks). Rows are in the step's order (decodes first)."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    block_table: np.ndarray  # [sequences, pages]
+    seq_lens: np.ndarray
+    query_lens: np.ndarray
+    query_start: np.ndarray  # [sequences + 1]
+    logits_rows: np.ndarray  # in the order of the works
+    num_decodes: int
 
 
 @dataclass
@@ -90,13 +108,16 @@ class ModelRunner:
         self.device = model.device
         self.block_size = config.block_size
         cfg = model.cfg
+        self.tp = model.tp
         per_block = kv_bytes_per_block(model, config.block_size)
-        if num_blocks is None:
+        if num_blocks is None and (self.tp is None or self.tp.rank == 0):
             context = config.context_len(cfg.max_position_embeddings)
             budget, why = kv_cache_budget(config, self.device, per_block, context)
             num_blocks = budget // per_block
-            log.info("KV cache: %d pages of %d tokens, %.0f MiB (%s)", num_blocks, config.block_size,
-                     num_blocks * per_block / 2**20, why)
+            log.info("KV cache: %d pages of %d tokens, %.0f MiB%s (%s)", num_blocks, config.block_size,
+                     num_blocks * per_block / 2**20, "" if self.tp is None else " on each rank", why)
+        if self.tp is not None:  # every rank holds its share of the same pages
+            num_blocks = self.tp.broadcast(num_blocks)
         if num_blocks < 1:
             raise ValueError(f"the KV-cache budget holds no block of {per_block} bytes; raise --kv-cache-bytes")
         self.num_blocks = num_blocks
@@ -172,9 +193,10 @@ class ModelRunner:
         return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
 
     # ---- one step -------------------------------------------------------------------------------------
-    def prepare(self, works: list[Work]) -> StepInputs:
-        """The step's flat layout. Decode-like sequences (at most MAX_DECODE_QUERY new tokens) come
-        first, longest context first (so the reference backend's groups pad little), then prefills."""
+    def layout(self, works: list[Work]) -> StepLayout:
+        """The step's flat layout, on the host. Decode-like sequences (at most MAX_DECODE_QUERY new
+        tokens) come first, longest context first (so the reference backend's groups pad little),
+        then prefills."""
         b, bs = len(works), self.block_size
         q_lens = np.fromiter((len(w.ids) for w in works), dtype=np.int64, count=b)
         starts = np.fromiter((w.start for w in works), dtype=np.int64, count=b)
@@ -182,7 +204,6 @@ class ModelRunner:
         decode_like = q_lens <= MAX_DECODE_QUERY
         order = np.lexsort((-seq_lens, ~decode_like))
         q_lens, starts, seq_lens = q_lens[order], starts[order], seq_lens[order]
-        num_decodes = int(decode_like.sum())
         query_start = np.zeros(b + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start[1:])
         tokens = int(query_start[-1])
@@ -194,30 +215,63 @@ class ModelRunner:
         for row, i in enumerate(order):
             pages = works[i].seq.block_table[:width]
             table[row, :len(pages)] = pages
-        slots = table[seq_of_token, positions // bs] * bs + positions % bs
         counts = np.fromiter((w.num_logits for w in works), dtype=np.int64, count=b)
         ends = np.empty(b, dtype=np.int64)
         ends[order] = query_start[1:]  # one past each work's last row, in the works' order
         # each work's last `counts` rows, in the works' order
         logits_rows = np.repeat(ends - counts, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts,
                                                                                            counts)
+        return StepLayout(ids, positions, table, seq_lens, q_lens, query_start, logits_rows,
+                          int(decode_like.sum()))
+
+    def inputs(self, layout: StepLayout) -> StepInputs:
+        """The layout as the model's tensors, with the attention backend's plan."""
+        bs, q_lens, num_decodes = self.block_size, layout.query_lens, layout.num_decodes
+        seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
+        slots = layout.block_table[seq_of_token, layout.positions // bs] * bs + layout.positions % bs
         meta = AttentionMetadata(
-            backend=self.backend, slot_mapping=self._tensor(slots), block_table=self._tensor(table),
-            seq_lens=self._tensor(seq_lens), query_lens=self._tensor(q_lens), num_decodes=num_decodes,
+            backend=self.backend, slot_mapping=self._tensor(slots), block_table=self._tensor(layout.block_table),
+            seq_lens=self._tensor(layout.seq_lens), query_lens=self._tensor(q_lens), num_decodes=num_decodes,
             max_decode_query=int(q_lens[:num_decodes].max()) if num_decodes else 0, block_size=bs,
-            host_block_table=table, host_seq_lens=seq_lens, host_query_lens=q_lens, host_query_start=query_start)
-        plain = num_decodes == b and tokens == b
+            host_block_table=layout.block_table, host_seq_lens=layout.seq_lens, host_query_lens=q_lens,
+            host_query_start=layout.query_start)
+        plain = num_decodes == len(q_lens) and len(layout.ids) == len(q_lens)
         meta.plan = self.backend.decode_plan(meta) if plain else self.backend.plan(meta)
-        return StepInputs(self._tensor(ids), self._tensor(positions), meta, self._tensor(logits_rows), plain)
+        return StepInputs(self._tensor(layout.ids), self._tensor(layout.positions), meta,
+                          self._tensor(layout.logits_rows), plain)
+
+    def prepare(self, works: list[Work]) -> StepInputs:
+        return self.inputs(self.layout(works))
+
+    def run(self, works: list[Work], copies: list[tuple[str, int, int]] = ()) -> torch.Tensor:
+        """Run one forward pass (after its page moves); logits [rows, vocab] (fp32) in work order.
+
+        Under tensor parallelism the layout goes to every rank first (the step's one broadcast);
+        from then on the ranks run in lockstep, and a failure here leaves them out of step: fatal."""
+        layout = self.layout(works)
+        if self.tp is None:
+            return self.run_layout(layout, copies)
+        self.tp.broadcast((layout, list(copies)))
+        try:
+            return self.run_layout(layout, copies)
+        except Exception as exc:
+            raise EngineDeadError(f"tensor-parallel rank 0 failed inside a step, the ranks are out of step: "
+                                  f"{type(exc).__name__}: {exc}") from exc
 
     @torch.no_grad()  # not inference_mode: a compiled step writes into the (normal) KV-cache tensors
-    def run(self, works: list[Work], copies: list[tuple[str, int, int]] = ()) -> torch.Tensor:
-        """Run one forward pass (after its page moves); logits [rows, vocab] (fp32) in work order."""
+    def run_layout(self, layout: StepLayout, copies: list[tuple[str, int, int]] = ()) -> torch.Tensor:
+        """The forward pass of a laid-out step (what every tensor-parallel rank runs)."""
         self.apply_copies(list(copies))
-        step = self.prepare(works)
+        step = self.inputs(layout)
         if step.plain_decodes and self._decode_graph is not None:
             return self._compiled(step)
         return self.model.logits(self.forward(step).index_select(0, step.logits_rows))
+
+    def follow(self) -> None:
+        """A tensor-parallel rank other than 0: run every step rank 0 lays out, until it sends None."""
+        while (step := self.tp.broadcast()) is not None:
+            layout, copies = step
+            self.run_layout(layout, copies)
 
     def forward(self, step: StepInputs) -> torch.Tensor:
         """The model's hidden states for every token of the step, eagerly."""

@@ -3,11 +3,16 @@
 q/k/v and gate/up are fused into one matmul each at load time: on a bandwidth-bound step every
 separate weight read costs a kernel launch and a pass over the activations. Each fused matmul is a
 `Linear` layer (models/quant/linear.py) holding its weights dense or weight-only quantized.
+
+Under tensor parallelism (`tp`) the same classes hold one rank's shard: `cfg` is the rank's shape
+(its heads, its slice of each intermediate; distributed/sharding.py), the row-parallel o and down
+outputs are all-reduced, and the vocabulary-parallel embedding and LM head go through the group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,16 +26,19 @@ from chatscale.models.quant.policy import Weight, WeightFormat
 from chatscale.models.quant.weight import QuantizedWeight
 from chatscale.models.rope import RotaryEmbedding, apply_rotary
 
+if TYPE_CHECKING:
+    from chatscale.distributed.group import TensorParallelGroup
+
 
 def _stored_bytes(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, index: int) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, index: int, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         self.q_size, self.kv_size = cfg.num_heads * hd, cfg.num_kv_heads * hd
         self.qkv: Linear | None = None  # set by loading: dense or quantized
         self.o: Linear | None = None
@@ -56,8 +64,12 @@ class DecoderLayer(nn.Module):
         qk = apply_rotary(qk, cos, sin)  # q and k rotated in one pass
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
         attn = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        x = x + self.o(attn.reshape(t, self.q_size))
-        return x + self.mlp(rms_norm(x, self.post_attention_norm, eps))
+        x = x + self._reduce(self.o(attn.reshape(t, self.q_size)))
+        return x + self._reduce(self.mlp(rms_norm(x, self.post_attention_norm, eps)))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel layer's output: this rank's partial sum, all-reduced under tensor parallelism."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def weight_slots(self) -> dict[str, torch.Tensor | SlotPart]:
         """HF parameter name (within the layer) -> the parameter, or the fused layer's part, it fills."""
@@ -73,20 +85,23 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; supported: silu")
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
+        start, end = (0, cfg.vocab_size) if tp is None else tp.shard.vocab_range
+        vocab_rows = end - start  # a vocabulary-parallel rank's rows of the embedding and LM head
         self.dtype, self.device = dtype, device  # of activations, norms and the KV cache
         # Set by loading, dense or quantized; a tied LM head is the embedding table itself.
         self.embed: Linear | None = None
         self.lm_head: Linear | None = None
         tied = ("embed", "lm_head") if cfg.tie_word_embeddings else ("embed",)
-        self._embed = FusedSlot(self, tied, [cfg.vocab_size], cfg.hidden_size, embedding=True)
-        self._lm_head = None if cfg.tie_word_embeddings else FusedSlot(self, "lm_head", [cfg.vocab_size],
+        self._embed = FusedSlot(self, tied, [vocab_rows], cfg.hidden_size, embedding=True)
+        self._lm_head = None if cfg.tie_word_embeddings else FusedSlot(self, "lm_head", [vocab_rows],
                                                                        cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i, tp) for i in range(cfg.num_layers))
         self.norm = param(cfg.hidden_size, dtype=dtype)
         self.to(device)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
@@ -96,7 +111,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm, one row per input token."""
-        x = self.embed.embed(input_ids, self.dtype)
+        x = self.embed.embed(input_ids, self.dtype) if self.tp is None else self.tp.embed(self.embed, input_ids,
+                                                                                          self.dtype)
         cos, sin = self.rope.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta)
@@ -110,7 +126,8 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.logits(hidden)
+        logits = self.lm_head.logits(hidden)
+        return logits if self.tp is None else self.tp.gather_logits(logits)
 
     def weight_bytes(self) -> int:
         """Bytes of weights a forward reads (a tied table counted once): quantized layers at their

@@ -8,19 +8,22 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
 from chatscale.models.config import ModelConfig
 from chatscale.models.dtype_policy import compute_dtype
-from chatscale.models.gguf.checkpoint import find_gguf, open_gguf
+from chatscale.models.gguf.checkpoint import GGUFCheckpoint, find_gguf, open_gguf
 from chatscale.models.llama import LlamaForCausalLM
-from chatscale.models.quant.policy import WeightFormat
+from chatscale.models.quant.policy import Weight, WeightFormat
+
+if TYPE_CHECKING:
+    from chatscale.distributed.group import TensorParallelGroup
+    from chatscale.distributed.sharding import Shard
 
 log = logging.getLogger("chatscale.models")
-
 
 
 @dataclass
@@ -72,11 +75,30 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: Path, shard: Shard | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the safetensors files; with a tensor-parallel `shard`, only its slice of each
+    (safetensors reads just those bytes, so a rank's peak host memory stays near its shard)."""
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                part = None if shard is None else shard.slice_for(name, tuple(f.get_slice(name).get_shape()))
+                if part is None:
+                    yield name, f.get_tensor(name)
+                else:
+                    view = f.get_slice(name)
+                    yield name, view[part.start:part.end] if part.dim == 0 else view[:, part.start:part.end]
+
+
+def gguf_weights(checkpoint: GGUFCheckpoint, shard: Shard | None = None) -> Iterator[tuple[str, Weight]]:
+    """Every tensor of a GGUF file, decoded one at a time; with a `shard`, column-parallel slices read
+    only their rows, and row-parallel ones are cut from the decoded tensor (on group boundaries)."""
+    for name in checkpoint.names():
+        part = None if shard is None else shard.slice_for(name, checkpoint.tensors[name].shape)
+        if part is not None and part.dim == 0:
+            yield name, checkpoint.get(name, (part.start, part.end))
+        else:
+            w = checkpoint.get(name)
+            yield name, w if shard is None else shard.take(name, w)
 
 
 def model_path(path: str | Path) -> Path:
@@ -96,22 +118,23 @@ def model_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", quantization: str | None = None,
-               group_size: int = 32) -> LlamaForCausalLM:
+               group_size: int = 32, tp: TensorParallelGroup | None = None) -> LlamaForCausalLM:
     """The model at `path` (HF directory, .gguf file, or a directory holding one .gguf), with its linear
-    layers quantized at load when `quantization` is "int8" or "int4" (groups of `group_size`)."""
+    layers quantized at load when `quantization` is "int8" or "int4" (groups of `group_size`); under
+    tensor parallelism, rank `tp.rank`'s shard of it, read slice by slice."""
     path = model_path(path)
     gguf = find_gguf(path)
+    shard = None if tp is None else tp.shard
     if gguf is not None:
-        checkpoint = open_gguf(gguf)
+        checkpoint = open_gguf(gguf)  # maps every tensor: an unexpected one is refused before allocating
         cfg = ModelConfig.from_dict(checkpoint.hf_config)
-        names = checkpoint.names()  # maps every tensor: an unexpected one is refused before allocating
-        weights = ((name, checkpoint.get(name)) for name in names)
+        weights = gguf_weights(checkpoint, shard)
     else:
         cfg = ModelConfig.from_dir(path)
-        weights = iter_weights(path)
+        weights = iter_weights(path, shard)
     device = torch.device(device)
     torch_dtype = compute_dtype(dtype, cfg.dtype, device)
-    model = LlamaForCausalLM(cfg, torch_dtype, device)
+    model = LlamaForCausalLM(cfg if shard is None else shard.local_config(), torch_dtype, device, tp)
     model.load_weights(weights, WeightFormat(torch_dtype, device, quantization, group_size))
     log.info("%s: %.1f MiB of weights read per forward, %.1f MiB resident (with prepacked copies)", path.name,
              model.weight_bytes() / 2**20, model.resident_bytes() / 2**20)

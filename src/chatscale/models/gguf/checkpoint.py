@@ -189,14 +189,19 @@ class GGUFCheckpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def get(self, name: str) -> torch.Tensor | QuantizedWeight:
-        """The tensor under its HF name: fp32 dense, or a QuantizedWeight for a block-quantized matrix."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | QuantizedWeight:
+        """The tensor under its HF name: fp32 dense, or a QuantizedWeight for a block-quantized matrix.
+        `rows` [start, end) reads only those rows from the mapped file (a column-parallel shard; for
+        q/k, whole heads, which llama.cpp's rope interleaving never crosses)."""
         t = self.tensors[name]
         data, shape = t.data, t.shape
         if t.expert is not None:
             data = data[t.expert]
+        if rows is not None:
+            data, shape = data[rows[0]:rows[1]], (rows[1] - rows[0], *shape[1:])
         out = blocks.decode(data, t.qtype, shape)
-        return _unpermute(out, t.permute_heads) if t.permute_heads else out
+        heads = t.permute_heads * shape[0] // t.shape[0]
+        return _unpermute(out, heads) if heads else out
 
 
 def _unpermute(w: torch.Tensor | QuantizedWeight, heads: int) -> torch.Tensor | QuantizedWeight:

@@ -57,7 +57,10 @@ class QuantizedWeight:
         return QuantizedWeight(self.q[start:end], self.scale[start:end], off, self.group, self.bits, self.source)
 
     def columns(self, start: int, end: int) -> "QuantizedWeight":
-        """Input columns [start, end) (a row-parallel shard); they must fall on group boundaries."""
+        """Input columns [start, end) (a row-parallel shard); they must fall on group boundaries, except
+        that one scale per output channel (a group as wide as the row) covers any columns."""
+        if self.group == self.q.shape[1]:
+            return QuantizedWeight(self.q[:, start:end], self.scale, self.offset, end - start, self.bits, self.source)
         if start % self.group or end % self.group:
             raise ValueError(f"columns [{start}, {end}) cut a group of {self.group} weights")
         g0, g1 = start // self.group, end // self.group
