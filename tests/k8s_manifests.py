@@ -88,28 +88,19 @@ def chatscale_args(container: dict) -> list[str]:
     return [*command[1:], *container.get("args", [])]
 
 
-def parse_cli(argv: list[str], planned: frozenset[str] = frozenset()) -> argparse.Namespace:
+def parse_cli(argv: list[str]) -> argparse.Namespace:
     """Parse as `chatscale` would, failing with argparse's own message. Flags must be spelt out: argparse
-    takes a prefix too, which a later flag can make ambiguous. A flag in `planned` (announced by an open
-    issue, not in the CLI yet) is dropped with its value while the CLI does not know it."""
+    takes a prefix too, which a later flag can make ambiguous."""
     from chatscale.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     known = {s for a in sub.choices[argv[0]]._actions for s in a.option_strings} if argv[0] in sub.choices else set()
-    kept, skip = [], False
-    for a in argv:
-        if not skip and a in planned and a not in known:
-            skip = True
-        elif skip:
-            skip = False
-        else:
-            kept.append(a)
-    unknown = [a for a in kept if a.startswith("--") and a.split("=")[0] not in known]
+    unknown = [a for a in argv if a.startswith("--") and a.split("=")[0] not in known]
     assert not unknown, f"chatscale {argv[0]}: {unknown} are not its flags (spelt out in full)"
     err = io.StringIO()
     try:
         with redirect_stderr(err):
-            return parser.parse_args(kept)
+            return parser.parse_args(argv)
     except SystemExit:
         raise AssertionError(f"chatscale {' '.join(argv)}: {err.getvalue().strip()}") from None

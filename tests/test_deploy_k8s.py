@@ -30,8 +30,6 @@ K8S_VERSIONS = ("1.30", kubernetes_validate.utils.latest_version())
 # a ServiceMonitor's selector and port names are checked against the Services below.
 NOT_VALIDATED = {"ServiceMonitor", "LeaderWorkerSet"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
-# Flags an open issue announces and an example already uses (issue 20: tensor parallelism).
-PLANNED = frozenset({"--tensor-parallel-size"})
 FLEETS = [d for d in APPLIED if d.parent.name == "overlays" or d.name == "prometheus-operator"]
 MONITORING = K8S / "monitoring"
 
@@ -120,7 +118,7 @@ def test_engines_probe_health_on_their_port_and_outlast_the_drain(directory, ser
     assert engines
     for owner, template, c in engines:
         if is_chatscale(c):
-            args = parse_cli(chatscale_args(c), PLANNED)
+            args = parse_cli(chatscale_args(c))
             assert args.command == "serve" and args.host == "0.0.0.0", "a pod must listen beyond loopback"
             port, drain = args.port, args.drain_timeout
         else:  # vLLM / SGLang: the same port flag; they manage their own drain
@@ -148,7 +146,7 @@ def test_every_chatscale_container_takes_its_flags(directory):
     containers = [c for _, t in pod_templates(render(directory)) for c in t["spec"]["containers"] if is_chatscale(c)]
     assert containers
     for c in containers:
-        parse_cli(chatscale_args(c), PLANNED)
+        parse_cli(chatscale_args(c))
 
 
 # ---- the gateway --------------------------------------------------------------------------------------
