@@ -69,7 +69,7 @@ def decode_steps(model: str, tp: int, batch: int, output_len: int, threads: int)
     from chatscale import LLM, SamplingParams
 
     steps = []
-    with LLM(model, tensor_parallel_size=tp, threads=threads // tp) as llm:
+    with LLM(model, tensor_parallel_size=tp, threads=max(1, threads // tp)) as llm:
         params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
         prompts = [[(7 * i + j) % 200 + 10 for j in range(32)] for i in range(batch)]
         llm.generate(prompts, params)  # warm-up
@@ -91,7 +91,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, action="append")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads in all: one rank takes them all, two ranks half each (at least one)")
     p.add_argument("--output-json")
     args = p.parse_args()
     batches = args.batch or [1, 8]

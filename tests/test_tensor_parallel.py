@@ -102,8 +102,19 @@ def test_preemption_abort_prefix_cache_and_speculation_on_two_ranks(checkpoint):
         hits = llm.engine.snapshot().prefix_cache_hits
         assert [o.outputs[0].token_ids for o in llm.generate(prompts[:1], params)] == expected[:1]
         assert llm.engine.snapshot().prefix_cache_hits > hits
-    _, speculated = run(path, 2, prompts, params, num_blocks=128, speculative_model="ngram")
-    assert speculated == expected
+    for proposer in ("ngram", str(path)):  # n-gram lookup; a draft model (here the target itself) on rank 0
+        _, speculated = run(path, 2, prompts, params, num_blocks=128, speculative_model=proposer)
+        assert speculated == expected, proposer
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_step_traces_the_collectives(checkpoint):
+    """torch.compile over a rank's decode step (the CUDA default, where it is captured in graphs): the
+    functional collectives trace, and the tokens are one device's. On a CPU here, for lack of GPUs."""
+    path = checkpoint("llama")
+    _, eager = run(path, 1)
+    _, compiled = run(path, 2, compile=True)
+    assert compiled == eager
 
 
 def _rank_pids(engine_pid: int) -> list[int]:
