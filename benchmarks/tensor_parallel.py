@@ -80,6 +80,51 @@ def decode_steps(model: str, tp: int, batch: int, output_len: int, threads: int)
     return steps
 
 
+# A Llama large enough that its weights, not torch's runtime, set a process's peak memory: 0.5B
+# parameters, 1 GB in bf16.
+LOAD_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, bos_token_id=0,
+                  eos_token_id=0)
+PEAK_PROBE = """
+import json, os, sys
+from pathlib import Path
+from chatscale import LLM
+
+def peak_mib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def ranks(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"distributed.worker" in Path(f"/proc/{entry}/cmdline").read_bytes():
+            found.append(int(entry))
+    return found
+
+with LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), threads=1, num_blocks=16) as llm:
+    print(json.dumps([peak_mib(os.getpid())] + [peak_mib(p) for p in ranks(os.getpid())]))
+"""
+
+
+def peak_memory_at_load(tp: int) -> list[float]:
+    """Peak resident MiB of each rank's process once the model is loaded (rank 0 first)."""
+    import json
+    import subprocess
+
+    from common import random_llama_checkpoint
+
+    path = random_llama_checkpoint("llama-0.5b-random-bf16", LOAD_SHAPE)
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(path), str(tp)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     from chatscale.models.demo import demo_model_path
     from chatscale.planner.catalog import from_hf_config
@@ -137,8 +182,12 @@ def main() -> None:
         print(f"| {r['batch']} | {r['step_ms_tp1']:.2f} ms | {r['step_ms_tp2']:.2f} ms | {r['collective_ms']:.2f} ms "
               f"| {r['collective_share']:.0%} | {r['planner_comm_ms']:.4f} ms | {r['planner_plus_latency_ms']:.2f} ms "
               f"| {r['tp2_over_tp1_tokens_per_s']:.2f}x |")
+    peaks = {tp: peak_memory_at_load(tp) for tp in (1, 2)}
+    print(f"peak resident memory after loading a 0.5B-parameter Llama (1 GB in bf16): one rank "
+          f"{peaks[1][0]:.0f} MiB; two ranks {peaks[2][0]:.0f} MiB (rank 0, the engine process) and "
+          f"{peaks[2][1]:.0f} MiB (rank 1)")
     save_json(args.output_json, dict(load_before=load, load_after=load_after, latency_s=latency,
-                                     bus_bandwidth=bandwidth, rows=rows))
+                                     bus_bandwidth=bandwidth, rows=rows, peak_mib=peaks))
 
 
 if __name__ == "__main__":
