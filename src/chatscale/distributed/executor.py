@@ -69,8 +69,8 @@ class TensorParallelExecutor(InProcessExecutor):
             if dead:
                 raise EngineDeadError(f"tensor parallelism failed to start: {dead}") from exc
             raise
-        log.info("tensor parallelism: %d ranks (%s), rank 0 in the engine process, ranks 1-%d pids %s",
-                 size, "NCCL" if device.type == "cuda" else "gloo", size - 1, [p.pid for p in self.ranks])
+        log.info("tensor parallelism: %d ranks (%s), rank 0 in the engine process, the others' pids %s",
+                 size, "NCCL" if device.type == "cuda" else "gloo", [p.pid for p in self.ranks])
 
     def _error_file(self, rank: int) -> Path:
         return Path(self.error_dir.name) / f"rank{rank}.txt"
