@@ -166,3 +166,21 @@ def test_shapes_that_do_not_split_are_refused_naming_the_sizes(checkpoint):
     Shard(0, 3, smollm2)  # three ranks split it: three query heads and one KV head each
     with pytest.raises(ShardingError, match="4 query heads"):  # refused before any rank starts
         LLM(str(checkpoint("llama")), num_blocks=16, tensor_parallel_size=3)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie
+    except OSError:
+        return True
+
+
+def test_ranks_exit_when_the_engine_process_is_killed(checkpoint):
+    """Nothing is left behind: the other ranks' next broadcast fails when rank 0 is gone, and they exit."""
+    engine = make_engine(checkpoint("llama"), num_blocks=32, tensor_parallel_size=2)
+    try:
+        (rank1,) = _rank_pids(engine.process.pid)
+        os.kill(engine.process.pid, signal.SIGKILL)
+        assert wait_until(lambda: _exited(rank1), 10)
+    finally:
+        engine.shutdown()
