@@ -35,6 +35,7 @@ CASES = [
     (["gateway", "--config", "bad.yaml"], "bad.yaml: not valid YAML"),
     (["chat", "--model", "missing-model", "hi"], "'missing-model' does not exist"),
     (["serve", "--model", "missing-model"], "missing-model: no config.json"),
+    (["serve", "--tensor-parallel-size", "3"], "8 query heads; 2 KV heads (the ranks must divide them"),
     (["bench", "serve", "--base-url", "http://127.0.0.1:9", "--dataset", "trace", "--trace", "missing.csv"],
      "missing.csv: No such file"),
 ]

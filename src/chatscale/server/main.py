@@ -21,6 +21,7 @@ from types import FrameType
 import uvicorn
 from uvicorn.logging import DefaultFormatter
 
+from chatscale.distributed.sharding import check_divides
 from chatscale.engine.async_engine import AsyncEngine
 from chatscale.engine.config import EngineConfig
 from chatscale.models.loader import model_config
@@ -56,7 +57,9 @@ class _Server(uvicorn.Server):
 def serve(args: argparse.Namespace) -> int:
     _log_to_stderr()
     config = EngineConfig.from_args(args)
-    model_config(config.model)  # a missing or unsupported model: one line now, not a failed server later
+    # A missing or unsupported model, or one that does not split over the ranks: one line now, not a
+    # failed server later.
+    check_divides(model_config(config.model), config.tensor_parallel_size)
     settings = ServerSettings.from_args(args, config.model)
     failed = False
     server: _Server | None = None
