@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,9 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from chatscale.distributed.sharding import Shard
+
+if TYPE_CHECKING:
+    from chatscale.models.quant.linear import Linear
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -52,7 +55,7 @@ class TensorParallelGroup:
         """The sum of every rank's `x` (a row-parallel layer's partial outputs)."""
         return self._timed(lambda t: funcol.all_reduce(t, "sum", self.group), x)
 
-    def embed(self, table, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def embed(self, table: Linear, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Embedding rows of `ids` from a vocabulary-parallel table: each rank looks up the ids in its
         range (zeros for the rest) and the sum is every row."""
         start, end = self.shard.vocab_range
