@@ -68,6 +68,9 @@ class EngineConfig:
             raise ValueError("num_speculative_tokens must be at least 1")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        if self.tensor_parallel_size > 1 and self.executor != "inprocess":
+            raise ValueError("--tensor-parallel-size > 1 runs chatscale's tensor-parallel executor; "
+                             f"it cannot be combined with --executor {self.executor}")
         if self.tensor_parallel_size > 1 and self.kv_host_bytes:
             raise ValueError("the second KV tier (--kv-host-bytes) is not supported with --tensor-parallel-size > 1")
 
