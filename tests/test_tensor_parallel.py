@@ -19,6 +19,7 @@ from logits import prefill_logits
 from server_utils import MODEL, api, make_engine, running, wait_until
 
 from chatscale.distributed.sharding import Shard, ShardingError
+from chatscale.engine.config import EngineConfig
 from chatscale.engine.llm import LLM
 from chatscale.engine.sampling_params import SamplingParams
 from chatscale.models.config import ModelConfig
@@ -164,6 +165,10 @@ def test_shapes_that_do_not_split_are_refused_naming_the_sizes(checkpoint):
     with pytest.raises(ShardingError, match="9 query heads; 3 KV heads .* do not divide by 2"):
         Shard(0, 2, smollm2)
     Shard(0, 3, smollm2)  # three ranks split it: three query heads and one KV head each
+    with pytest.raises(ValueError, match="second KV tier"):
+        EngineConfig(tensor_parallel_size=2, kv_host_bytes=1 << 20)
+    with pytest.raises(ValueError, match="cannot be combined with --executor"):
+        EngineConfig(tensor_parallel_size=2, executor="fault_executors:SlowExecutor")
     with pytest.raises(ShardingError, match="4 query heads"):  # refused before any rank starts
         LLM(str(checkpoint("llama")), num_blocks=16, tensor_parallel_size=3)
 
