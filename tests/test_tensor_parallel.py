@@ -22,6 +22,7 @@ from chatscale.distributed.sharding import Shard, ShardingError
 from chatscale.engine.config import EngineConfig
 from chatscale.engine.llm import LLM
 from chatscale.engine.sampling_params import SamplingParams
+from chatscale.engine.structured.spec import GrammarSpec
 from chatscale.models.config import ModelConfig
 from chatscale.models.gguf.checkpoint import open_gguf
 from chatscale.models.loader import gguf_weights, model_config
@@ -116,6 +117,20 @@ def test_a_compiled_decode_step_traces_the_collectives(checkpoint):
     _, eager = run(path, 1)
     _, compiled = run(path, 2, compile=True)
     assert compiled == eager
+
+
+def test_grammars_and_seeded_sampling_stay_with_rank_0(checkpoint):
+    """Grammar masks and seeded generators live where the sampler does (rank 0): a constrained answer
+    and a seeded sampled one come out as on one device."""
+    choices = ["continuous batching", "paged attention"]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured=GrammarSpec.choice(choices)),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True)]
+    path = checkpoint("llama")
+    _, one = run(path, 1, PROMPTS[:2], params)
+    _, two = run(path, 2, PROMPTS[:2], params)
+    assert two == one
+    with LLM(str(path), num_blocks=64, dtype="float32", threads=1) as llm:
+        assert llm.tokenizer.decode(two[0]) in choices
 
 
 def _rank_pids(engine_pid: int) -> list[int]:
