@@ -218,6 +218,17 @@ def test_pipeline_stages_add_capacity_not_speed():
         model, H100, Layout(tp=8), 4096)
 
 
+def test_link_latency_is_paid_per_collective():
+    """Two all-reduces a layer under tensor parallelism, one send between pipeline stages: a decode
+    step's few kilobytes cost the link's latency each time, whatever the bandwidth."""
+    model = MODELS["llama-2-70b"]
+    slow = dataclasses.replace(H100, link_latency=1e-5)
+    for layout, collectives in ((Layout(tp=8), 2 * model.layers), (Layout(tp=8, pp=2), 2 * model.layers + 1)):
+        base = step_cost(model, H100, layout, decode_contexts=[512]).comm_s
+        timed = step_cost(model, slow, layout, decode_contexts=[512]).comm_s
+        assert timed - base == pytest.approx(collectives * 1e-5)
+
+
 def test_step_time_grows_with_batch_and_context():
     model, layout = MODELS["mixtral-8x7b"], Layout(tp=2)
     times = [step_time(model, H100, layout, decode_contexts=[c] * b)

@@ -44,6 +44,9 @@ class Hardware:
     network_bandwidth: float | None = None  # bytes/s per direction and GPU, between nodes
     gpus_per_node: int = 1
     price_per_hour: float | None = None  # USD per GPU-hour; None: no price known
+    # Seconds a small collective (a decode step's all-reduce) takes on the link whatever its bytes;
+    # None: not known, counted as 0 (then the communication term is a lower bound for decode steps).
+    link_latency: float | None = None
 
     def flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for matmuls whose weights are stored as `dtype`.

@@ -218,7 +218,8 @@ def step_cost(model: Model, hw: Hardware, layout: Layout, *,
     experts that micro-batch's tokens are routed to) and the KV cache of its sequences. So pipeline
     stages add memory capacity, not bandwidth per token. Each stage of `tp` GPUs does its share of
     the FLOPs and bytes, then all-reduces activations twice per layer and sends them to the next
-    stage; communication is counted by bandwidth alone and not overlapped with compute.
+    stage; communication is counted by bandwidth plus the link's latency per collective where the
+    hardware knows it (`Hardware.link_latency`), and not overlapped with compute.
     """
     sequences = len(decode_contexts) + len(prefills)
     tokens = len(decode_contexts) + sum(n for n, _ in prefills)
@@ -243,13 +244,14 @@ def step_cost(model: Model, hw: Hardware, layout: Layout, *,
     memory_s = moved / share / hw.memory_bandwidth
 
     activations = micro_tokens * model.d_model * ACTIVATION_BYTES
+    latency = hw.link_latency or 0.0
     comm_s = 0.0
     if layout.tp > 1:
         ring = 2 * (layout.tp - 1) / layout.tp  # a ring all-reduce moves this many buffers per GPU
-        per_layer = 2 * ring * activations / _link_bandwidth(hw, layout.tp)
+        per_layer = 2 * (ring * activations / _link_bandwidth(hw, layout.tp) + latency)
         comm_s += model.layers * per_layer  # every micro-batch's path crosses all layers
     if layout.pp > 1:
-        comm_s += (layout.pp - 1) * activations / _link_bandwidth(hw, layout.gpus)
+        comm_s += (layout.pp - 1) * (activations / _link_bandwidth(hw, layout.gpus) + latency)
     return StepCost(flops=flops, bytes=moved, compute_s=compute_s, memory_s=memory_s,
                     comm_s=comm_s, micro_batches=micro)
 
