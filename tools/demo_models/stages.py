@@ -34,13 +34,17 @@ class Stage:
 # Stage 1 taught the format and the tool choice but copied arguments poorly (5 of 100 held-out
 # questions right); stage 2, from stage 1's weights, shows three times as many tool calls. Stage 3,
 # from the shipped weights, adds invented arguments and copying exercises: it learned that cities
-# are invented names (2 of 100), and copied nothing, not even in "repeat after me". Stage 4, from
-# stage 3, is mostly short copying exercises (cheap steps); stage 5, from stage 4, the tool sessions
-# again with more of them.
+# are invented names and copied nothing, not even in "repeat after me" (0 of 100). Stage 4, from
+# stage 3, is mostly short copying exercises (cheap steps): it copied one-token city names and
+# parts of numbers, and wrote no more tool calls; stage 5, from stage 4, the tool sessions again
+# with more copying exercises (3 of 100); stage 6, from stage 5, the same mixture on fresh
+# conversations (4 of 100). Scores on the evaluation as it stands with all six stages left out
+# (docs/demo_models.md).
 STAGES = {1: Stage(seed=100, tool_share=0.45, json_share=0.10), 2: Stage(seed=200, tool_share=0.75, json_share=0.10),
           3: Stage(seed=300, tool_share=0.35, json_share=0.05, copy_share=0.15, sessions=True),
           4: Stage(seed=400, tool_share=0.0, json_share=0.0, copy_share=0.7, copy_len=8),
-          5: Stage(seed=500, tool_share=0.35, json_share=0.05, copy_share=0.3, copy_len=8, sessions=True)}
+          5: Stage(seed=500, tool_share=0.35, json_share=0.05, copy_share=0.3, copy_len=8, sessions=True),
+          6: Stage(seed=600, tool_share=0.35, json_share=0.05, copy_share=0.3, copy_len=8, sessions=True)}
 
 
 def finetune_conversations(stage: Stage, n: int, seed: int) -> list[data.Conversation]:
