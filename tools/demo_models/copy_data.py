@@ -59,7 +59,6 @@ INVENTED = tool_data.Pools(
 WEIGHTS = {"calculator": 3.0, "convert_units": 2.0, "get_weather": 2.0, "get_capital": 2.0, "get_time": 1.5,
            "get_server_metric": 1.0, "search_docs": 1.0, "set_timer": 1.0}
 PAIR_P = 0.35
-INVENTED_P = 0.6  # the rest of the questions use the evaluation's pools (REAL)
 MAX_QUESTIONS = 5
 REPEAT_ASKS = [("Repeat after me: {p}", "{p}"), ("Say exactly this: {p}", "{p}"), ("Copy this text: {p}", "{p}"),
                ('Please repeat "{p}".', "{p}"), ("The code is {p}. What is the code?", "The code is {p}."),
@@ -80,10 +79,11 @@ def repeat_conversation(rng: random.Random, most: int = 3) -> data.Conversation:
     return [{"role": "user", "content": ask.format(p=p)}, {"role": "assistant", "content": answer.format(p=p)}]
 
 
-def tool_session(rng: random.Random) -> data.Conversation:
+def tool_session(rng: random.Random, invented_p: float = 0.6) -> data.Conversation:
     """Two to four tools offered, then one to MAX_QUESTIONS questions: mostly ones an offered tool
     answers (a call, and in half of them its result and an answer), sometimes a chatscale question
-    no tool answers (plain text, as in the other conversations)."""
+    no tool answers (plain text, as in the other conversations). A share `invented_p` of the
+    questions take their arguments from INVENTED, the rest from the evaluation's pools (REAL)."""
     offered = rng.sample(list(tool_data.TOOLS), rng.randint(2, 4))
     msgs = [{"role": "system", "content": rng.choice(data.SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
     for _ in range(rng.randint(1, MAX_QUESTIONS)):
@@ -92,7 +92,7 @@ def tool_session(rng: random.Random) -> data.Conversation:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
             continue
         name = rng.choices(offered, weights=[WEIGHTS[n] for n in offered])[0]
-        invented = rng.random() < INVENTED_P
+        invented = rng.random() < invented_p
         turn = tool_data.ask(rng, name, INVENTED if invented else tool_data.REAL, PAIR_P)
         question = turn.question if invented else data._vary(turn.question, rng)  # lower case would hide the name
         msgs += [{"role": "user", "content": question}, tool_data.call_message(turn.calls, rng)]

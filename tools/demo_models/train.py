@@ -61,7 +61,7 @@ RECIPES = {
     # stalled at 0.18 and mixed up topics.
     "target": Recipe("llama", 512, 4, 8, 2, 1536, steps=500, batch_tokens=2048, lr=1.5e-3,
                      finetune={1: (250, 5e-4), 2: (200, 1e-3), 3: (400, 8e-4), 4: (300, 1.5e-3),
-                               5: (400, 1e-3), 6: (300, 1e-3)}),
+                               5: (400, 1e-3), 6: (300, 1e-3), 7: (250, 1e-3)}),
     # Two layers: many times cheaper per token than the target, trained on the same batches so it agrees.
     "draft": Recipe("llama", 256, 2, 4, 2, 768, steps=600, batch_tokens=2048, lr=3e-3,
                     finetune={1: (300, 1e-3), 3: (400, 1e-3)}),
