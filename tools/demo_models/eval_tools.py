@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 from fastapi.testclient import TestClient
 
+import stages
 import tool_data
 from chatscale.engine.async_engine import AsyncEngine
 from chatscale.engine.config import EngineConfig
@@ -30,7 +31,7 @@ EVAL_SEED = 7
 
 
 def heldout_questions(n: int) -> list[tuple[list[dict], tool_data.ToolTurn]]:
-    seen = tool_data.training_questions()
+    seen = stages.training_questions()
     rng, out = random.Random(EVAL_SEED), []
     while len(out) < n:
         tools, turn = tool_data.tool_question(rng)

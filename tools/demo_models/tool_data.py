@@ -67,6 +67,30 @@ DOC_PAGES = ["docs/metrics.md", "docs/gateway.md", "docs/planning.md", "docs/sim
              "docs/demo_models.md", "README.md"]
 
 
+@dataclass(frozen=True)
+class Pools:
+    """Where a question's arguments come from. `REAL` is the evaluation's (a few dozen cities, small
+    numbers: a model can memorise them); copy_data.INVENTED draws from pools far too large to memorise,
+    so only copying the argument out of the question lowers the loss. Each field is drawn with the
+    same rng calls as the original literals, so `REAL` keeps the evaluation's questions unchanged."""
+
+    city: Callable[[random.Random], str]
+    country: Callable[[random.Random], str]  # as asked; its capital comes from `capital`
+    capital: Callable[[str], str]
+    server: Callable[[random.Random], str]
+    doc_query: Callable[[random.Random], str]
+    calc_a: tuple[int, int]
+    calc_b: tuple[int, int]
+    count: tuple[int, int]  # conversion values
+    minutes: tuple[int, int]
+
+
+REAL = Pools(city=lambda rng: rng.choice(CITIES), country=lambda rng: rng.choice(list(data.CAPITALS)),
+             capital=data.CAPITALS.__getitem__, server=lambda rng: rng.choice(SERVERS),
+             doc_query=lambda rng: rng.choice(DOC_QUERIES), calc_a=(2, 999), calc_b=(2, 99), count=(1, 30),
+             minutes=(1, 90))
+
+
 @dataclass
 class ToolTurn:
     """A question that one offered tool answers: the calls, their results and the final answer."""
@@ -77,8 +101,8 @@ class ToolTurn:
     answer: str
 
 
-def _weather(rng: random.Random) -> ToolTurn:
-    city = rng.choice(CITIES)
+def _weather(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
+    city = pools.city(rng)
     unit = "fahrenheit" if rng.random() < 0.25 else None
     temp = rng.randint(-5, 35) if unit is None else rng.randint(25, 95)
     sky = rng.choice(SKIES)
@@ -95,9 +119,9 @@ def _weather(rng: random.Random) -> ToolTurn:
     return ToolTurn(q, [("get_weather", args)], [result], f"It is {temp} degrees {shown} and {sky} in {city}.")
 
 
-def _conversion(rng: random.Random) -> ToolTurn:
+def _conversion(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
     src, dst, k, one = rng.choice(data.CONVERSIONS)
-    n = rng.randint(1, 30)
+    n = rng.randint(*pools.count)
     unit = one if n == 1 else src
     q = rng.choice([f"Convert {n} {unit} to {dst}.", f"How many {dst} are in {n} {unit}?",
                     f"What is {n} {unit} in {dst}?"])
@@ -105,32 +129,32 @@ def _conversion(rng: random.Random) -> ToolTurn:
                     [{"value": n * k, "unit": dst}], f"{n} {unit} is {n * k} {dst}.")
 
 
-def _calculation(rng: random.Random) -> ToolTurn:
-    a, b = rng.randint(2, 999), rng.randint(2, 99)
+def _calculation(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
+    a, b = rng.randint(*pools.calc_a), rng.randint(*pools.calc_b)
     sym, word, value = rng.choice([("+", "plus", a + b), ("-", "minus", a - b), ("*", "times", a * b)])
     expr = f"{a} {sym} {b}"
     q = rng.choice([f"What is {expr}?", f"Calculate {expr}.", f"What's {a} {word} {b}?", f"Compute {expr} for me."])
     return ToolTurn(q, [("calculator", {"expression": expr})], [{"result": value}], f"{expr} = {value}.")
 
 
-def _capital(rng: random.Random) -> ToolTurn:
-    country = rng.choice(list(data.CAPITALS))
+def _capital(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
+    country = pools.country(rng)
     q = rng.choice(data.CAPITAL_QUESTIONS).format(c=country)
-    capital = data.CAPITALS[country]
+    capital = pools.capital(country)
     name = country[0].upper() + country[1:]
     return ToolTurn(q, [("get_capital", {"country": name})], [{"capital": capital}],
                     f"The capital of {country} is {capital}.")
 
 
-def _time(rng: random.Random) -> ToolTurn:
-    city = rng.choice(CITIES)
+def _time(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
+    city = pools.city(rng)
     t = f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
     q = rng.choice([f"What time is it in {city}?", f"What's the local time in {city}?", f"Time in {city}?"])
     return ToolTurn(q, [("get_time", {"city": city})], [{"city": city, "time": t}], f"It is {t} in {city}.")
 
 
-def _metric(rng: random.Random) -> ToolTurn:
-    server = rng.choice(SERVERS)
+def _metric(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
+    server = pools.server(rng)
     metric = rng.choice(list(METRICS))
     asked, named = METRICS[metric]
     value = {"kv_cache_usage": round(rng.random(), 2), "batch_size": rng.randint(1, 256),
@@ -143,21 +167,21 @@ def _metric(rng: random.Random) -> ToolTurn:
                     f"The {named} of {server} is {value}{unit}.")
 
 
-def _docs(rng: random.Random) -> ToolTurn:
-    query = rng.choice(DOC_QUERIES)
+def _docs(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
+    query = pools.doc_query(rng)
     page = rng.choice(DOC_PAGES)
     q = rng.choice([f"Search the docs for {query}.", f"Find the documentation about {query}.",
                     f"Where do the docs explain {query}?"])
     return ToolTurn(q, [("search_docs", {"query": query})], [{"page": page}], f"{page} explains {query}.")
 
 
-def _timer(rng: random.Random) -> ToolTurn:
-    m = rng.randint(1, 90)
+def _timer(rng: random.Random, pools: Pools = REAL) -> ToolTurn:
+    m = rng.randint(*pools.minutes)
     q = rng.choice([f"Set a timer for {m} minutes.", f"Start a {m} minute timer.", f"Remind me in {m} minutes."])
     return ToolTurn(q, [("set_timer", {"minutes": m})], [{"ok": True}], f"Your timer is set for {m} minutes.")
 
 
-MAKERS: dict[str, Callable[[random.Random], ToolTurn]] = {
+MAKERS: dict[str, Callable[[random.Random, Pools], ToolTurn]] = {
     "get_weather": _weather, "convert_units": _conversion, "calculator": _calculation, "get_capital": _capital,
     "get_time": _time, "get_server_metric": _metric, "search_docs": _docs, "set_timer": _timer,
 }
@@ -172,20 +196,26 @@ def _offered(rng: random.Random, needed: list[str]) -> list[dict]:
     return [TOOLS[n] for n in order]
 
 
-def tool_question(rng: random.Random) -> tuple[list[dict], ToolTurn]:
-    """(offered tools, a question one of them answers); sometimes two calls of the same tool."""
-    name = rng.choice(list(MAKERS))
-    turn = MAKERS[name](rng)
-    if name in PAIRED and rng.random() < 0.15:
-        other = MAKERS[name](rng)
+def ask(rng: random.Random, name: str, pools: Pools = REAL, pair_p: float = 0.15) -> ToolTurn:
+    """A question tool `name` answers; for PAIRED tools, with probability `pair_p`, two: two calls."""
+    turn = MAKERS[name](rng, pools)
+    if name in PAIRED and rng.random() < pair_p:
+        other = MAKERS[name](rng, pools)
         if other.calls != turn.calls:
             joiner = rng.choice([" And ", " Also, "])
             turn = ToolTurn(turn.question + joiner + other.question[0].lower() + other.question[1:],
                             turn.calls + other.calls, turn.results + other.results, f"{turn.answer} {other.answer}")
+    return turn
+
+
+def tool_question(rng: random.Random) -> tuple[list[dict], ToolTurn]:
+    """(offered tools, a question one of them answers); sometimes two calls of the same tool."""
+    name = rng.choice(list(MAKERS))
+    turn = ask(rng, name)
     return _offered(rng, [name]), turn
 
 
-def _call_message(calls: list[Call], rng: random.Random) -> dict:
+def call_message(calls: list[Call], rng: random.Random) -> dict:
     return {"role": "assistant", "content": "", "tool_calls": [
         {"id": f"call_{rng.getrandbits(32):08x}", "type": "function",
          "function": {"name": n, "arguments": json.dumps(a)}} for n, a in calls]}
@@ -201,7 +231,7 @@ def tool_conversation(rng: random.Random) -> data.Conversation:
         msgs = system + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return with_default_tools(msgs, tools)
     tools, turn = tool_question(rng)
-    msgs = system + [{"role": "user", "content": data._vary(turn.question, rng)}, _call_message(turn.calls, rng)]
+    msgs = system + [{"role": "user", "content": data._vary(turn.question, rng)}, call_message(turn.calls, rng)]
     if rng.random() < 0.6:
         msgs += [{"role": "tool", "content": json.dumps(r)} for r in turn.results]
         msgs.append({"role": "assistant", "content": turn.answer})
@@ -234,46 +264,3 @@ def json_conversation(rng: random.Random) -> data.Conversation:
     msgs.append({"role": "user", "content": q + ask})
     msgs.append({"role": "assistant", "content": json.dumps(answer)})
     return msgs
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One fine-tuning stage's data: its seed and mixture (the rest: the original conversations,
-    so nothing is forgotten)."""
-
-    seed: int
-    tool_share: float
-    json_share: float
-    n_train: int = 20000
-
-
-# Stage 1 taught the format and the tool choice but copied arguments poorly (5 of 100 held-out
-# questions right); stage 2, from stage 1's weights, shows three times as many tool calls.
-STAGES = {1: Stage(seed=100, tool_share=0.45, json_share=0.10), 2: Stage(seed=200, tool_share=0.75, json_share=0.10)}
-
-
-def finetune_conversations(n: int, seed: int, tool_share: float = 0.45, json_share: float = 0.10
-                           ) -> list[data.Conversation]:
-    """The fine-tuning mixture: tool conversations, JSON answers and the original kinds."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        r = rng.random()
-        out.append(tool_conversation(rng) if r < tool_share else json_conversation(rng)
-                   if r < tool_share + json_share else data.conversation(rng))
-    return out
-
-
-def finetune_split(stage: Stage, n_heldout: int) -> tuple[list[data.Conversation], list[data.Conversation]]:
-    train = finetune_conversations(stage.n_train, stage.seed, stage.tool_share, stage.json_share)
-    seen = {json.dumps(c, sort_keys=True) for c in train}
-    heldout = [c for c in finetune_conversations(4 * n_heldout, stage.seed + 1, stage.tool_share, stage.json_share)
-               if json.dumps(c, sort_keys=True) not in seen]
-    return train, heldout[:n_heldout]
-
-
-def training_questions() -> set[str]:
-    """Every user message of every fine-tuning stage (the evaluation leaves these out)."""
-    return {m["content"] for stage in STAGES.values()
-            for conv in finetune_conversations(stage.n_train, stage.seed, stage.tool_share, stage.json_share)
-            for m in conv if m["role"] == "user"}

@@ -20,7 +20,7 @@ import random
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import data
-import tool_data
+import stages
 from tokenizer import CHAT_TEMPLATE, DEMO_DIR, ENDOFTEXT, IM_END, IM_START, ROOT
 
 IGNORE = -100
@@ -51,7 +51,7 @@ class Recipe:
     lr: float
     experts: int = 0
     top_k: int = 0
-    finetune: tuple[tuple[int, float], ...] = ()  # issue 19, per stage: (steps, peak LR) from the last weights
+    finetune: dict[int, tuple[int, float]] = field(default_factory=dict)  # issue 19: stage: (steps, peak LR)
 
 
 RECIPES = {
@@ -60,10 +60,11 @@ RECIPES = {
     # 100 steps. Twice the draft's width wants about half its learning rate: at 3e-3 this shape
     # stalled at 0.18 and mixed up topics.
     "target": Recipe("llama", 512, 4, 8, 2, 1536, steps=500, batch_tokens=2048, lr=1.5e-3,
-                     finetune=((250, 5e-4), (200, 1e-3))),
+                     finetune={1: (250, 5e-4), 2: (200, 1e-3), 3: (400, 8e-4), 4: (300, 1.5e-3),
+                               5: (400, 1e-3), 6: (300, 1e-3), 7: (250, 1e-3)}),
     # Two layers: many times cheaper per token than the target, trained on the same batches so it agrees.
     "draft": Recipe("llama", 256, 2, 4, 2, 768, steps=600, batch_tokens=2048, lr=3e-3,
-                    finetune=((300, 1e-3),)),
+                    finetune={1: (300, 1e-3), 3: (400, 1e-3)}),
     "moe": Recipe("mixtral", 256, 4, 4, 2, 320, steps=400, batch_tokens=2048, lr=2.5e-3, experts=8, top_k=2),
 }
 N_TRAIN, N_HELDOUT, DATA_SEED = 30000, 300, 0
@@ -260,8 +261,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the recipe (smoke tests)")
     ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
     ap.add_argument("--finetune", type=int, default=0, metavar="STAGE",
-                    help="continue from the shipped weights on tool calls and JSON (tools/demo_models/tool_data.py), "
-                         "stage 1 then 2")
+                    help="continue from the weights in --out on tool calls and JSON (tools/demo_models/stages.py): "
+                         "stage 1 then 2 was tried; stage 3 from the shipped weights")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 by default: on a shared 2-core machine 2 threads ran 2-5x slower")
     ap.add_argument("--out", type=Path, default=None, help=f"default {DEMO_DIR}/MODEL")
@@ -269,11 +270,11 @@ def main() -> None:
     args = ap.parse_args()
     r = RECIPES[args.model]
     if args.finetune:
-        if args.finetune > len(r.finetune):
+        if args.finetune not in r.finetune:
             raise SystemExit(f"no fine-tuning stage {args.finetune} for {args.model}")
-        steps, lr = r.finetune[args.finetune - 1]
+        steps, lr = r.finetune[args.finetune]
         r = Recipe(**{**r.__dict__, "steps": steps, "lr": lr, "batch_tokens": 4096})
-        stage = tool_data.STAGES[args.finetune]
+        stage = stages.STAGES[args.finetune]
     overrides = {"steps": args.steps, "lr": args.lr}
     r = Recipe(**{**r.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     out = args.out or DEMO_DIR / args.model
@@ -283,7 +284,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.finetune:
-        train_convs, heldout_convs = tool_data.finetune_split(stage, FINETUNE_HELDOUT)
+        train_convs, heldout_convs = stages.finetune_split(stage, FINETUNE_HELDOUT)
     else:
         train_convs, heldout_convs = data.split(N_TRAIN, N_HELDOUT, DATA_SEED)
     train, heldout = encode(tok, train_convs), encode(tok, heldout_convs)
@@ -328,9 +329,10 @@ def main() -> None:
     command += "".join(f" --{k} {v}" for k, v in overrides.items() if v is not None)
     if args.finetune:
         finetune = (f"- Fine-tuned (issue 19), stage {args.finetune}: {r.steps} steps of about {r.batch_tokens} "
-                    f"padded tokens at peak LR {r.lr} on `tools/demo_models/tool_data.py` (seed {stage.seed}, "
-                    f"{stage.tool_share:.0%} tool calls in the server's default Hermes-style format, "
-                    f"{stage.json_share:.0%} JSON answers, the rest the original conversations); "
+                    f"padded tokens at peak LR {r.lr} on `tools/demo_models/stages.py` (seed {stage.seed}, "
+                    f"{stage.tool_share:.0%} tool {'sessions' if stage.sessions else 'calls'} in the server's "
+                    f"default Hermes-style format, {stage.json_share:.0%} JSON answers, {stage.copy_share:.0%} "
+                    f"copying exercises, the rest the original conversations); "
                     f"{log['wall_s'] / 60:.1f} min; held-out loss on that mixture {log['heldout'][-1][1]:.4f}. "
                     f"Reproduce: `{command} --finetune {args.finetune}`.")
         finetune = textwrap.fill(finetune, 110, subsequent_indent="  ", break_on_hyphens=False) + "\n"
