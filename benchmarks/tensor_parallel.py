@@ -57,11 +57,11 @@ def _link_rank(rank: int, port: int, small: int, out: dict) -> None:
 
 def measure_link(small_elements: int) -> tuple[float, float]:
     """gloo between two local processes: (small all-reduce latency s, bus bandwidth bytes/s)."""
-    from chatscale.distributed.executor import _free_port
+    from chatscale.bench.launch import free_port
 
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_link_rank, args=(_free_port(), small_elements, out), nprocs=2)
+        mp.spawn(_link_rank, args=(free_port(), small_elements, out), nprocs=2)
         small, large = out["small"], out["large"]
     return small, 2 * (2 - 1) / 2 * LARGE_BYTES / large  # a ring moves 2(n-1)/n buffers per rank
 
@@ -97,20 +97,9 @@ def peak_mib(pid):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-def ranks(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except (OSError, ValueError):
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and b"distributed.worker" in Path(f"/proc/{entry}/cmdline").read_bytes():
-            found.append(int(entry))
-    return found
-
 with LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), threads=1, num_blocks=16) as llm:
-    print(json.dumps([peak_mib(os.getpid())] + [peak_mib(p) for p in ranks(os.getpid())]))
+    ranks = getattr(llm.engine.core.executor, "ranks", [])  # the other ranks' processes
+    print(json.dumps([peak_mib(os.getpid())] + [peak_mib(p.pid) for p in ranks]))
 """
 
 

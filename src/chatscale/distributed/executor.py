@@ -14,13 +14,13 @@ reads the engine's own Sequence objects, and a rank needs nothing but the layout
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from chatscale.bench.launch import free_port
 from chatscale.distributed.group import TensorParallelGroup, rank_device
 from chatscale.distributed.sharding import Shard
 from chatscale.distributed.worker import COLLECTIVE_TIMEOUT_S, command, threads_per_rank
@@ -36,12 +36,6 @@ from chatscale.models.loader import model_config
 log = logging.getLogger("chatscale.engine")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TensorParallelExecutor(InProcessExecutor):
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], num_blocks: int | None = None,
                  structured: StructuredOutputs | None = None) -> None:
@@ -55,7 +49,7 @@ class TensorParallelExecutor(InProcessExecutor):
         dtype = str(compute_dtype(config.dtype, cfg.dtype, device)).removeprefix("torch.")
         config = replace(config, dtype=dtype, device=str(device))
         torch.set_num_threads(threads_per_rank(config))
-        port = _free_port()
+        port = free_port()
         self.error_dir = tempfile.TemporaryDirectory(prefix="chatscale-tp-")
         self.ranks = [subprocess.Popen([sys.executable, *command(config, rank, port, self._error_file(rank))],
                                        env=same_path_env()) for rank in range(1, size)]
