@@ -134,12 +134,12 @@ class Metrics:
         # ---- tensor parallelism
         self.step_collective_seconds = histogram(
             "step_collective_seconds", "Seconds rank 0 spent in tensor-parallel collectives (all-reduces, "
-                                       "the logits' all-gather), one per step (absent on one device).", SECONDS)
+                                       "the logits' all-gather), one per step (none on one device).", SECONDS)
         self.kv_cache_rank_used_bytes = Gauge(
             PREFIX + "kv_cache_rank_used_bytes", "Bytes of KV pages in use on each tensor-parallel rank (each "
                                                   "holds its heads' share of every page).",
             ["model_name", "rank"], registry=self.registry)
-        self._rank_kv = []
+        self._rank_kv: list[Gauge] = []  # one child per rank, once attached
         self._recent: deque[tuple[float, float, float, float]] = deque()  # (time, flops, bytes, seconds)
         self._lock = threading.Lock()
         self._shape: Model | None = None

@@ -81,11 +81,11 @@ def iter_weights(path: Path, shard: Shard | None = None) -> Iterator[tuple[str, 
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                part = None if shard is None else shard.slice_for(name, tuple(f.get_slice(name).get_shape()))
+                view = f.get_slice(name)
+                part = None if shard is None else shard.slice_for(name, tuple(view.get_shape()))
                 if part is None:
                     yield name, f.get_tensor(name)
                 else:
-                    view = f.get_slice(name)
                     yield name, view[part.start:part.end] if part.dim == 0 else view[:, part.start:part.end]
 
 
