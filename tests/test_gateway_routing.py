@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatscale.gateway.admission import Admission, SaturationLimits, Ticket, saturated
+from chatscale.gateway.admission import IDLE_AFTER, Admission, SaturationLimits, Ticket, saturated
 from chatscale.gateway.routing import (AffinityWeights, CacheAffinity, LeastOutstanding, PrefixIndex, ReplicaState,
                                        RouteRequest, block_hashes, make_policy, text_block_hashes)
 
@@ -102,6 +102,21 @@ def test_token_weighted_share_and_idle_keys_bank_no_credit():
     adm.counters["idle"] = 0.0  # long idle; on its return it starts level with the active keys
     adm.arrive(Ticket("idle", 0, 10, 2.0), True, 2.0)
     assert adm.counters["idle"] >= min(adm.counters[k] for k in ("big",))
+
+
+def test_a_key_between_requests_keeps_its_deficit():
+    """A key that is behind is served first, so its queue empties; back within IDLE_AFTER (its client's
+    round trip) it was not idle and keeps its place. Back later, it starts level with the others."""
+    adm = Admission(bands=1)
+    for _ in range(5):
+        adm.arrive(Ticket("busy", 0, 10, 0.0), True, 0.0)
+    adm.arrive(Ticket("bob", 0, 10, 0.0), True, 0.0)
+    adm.counters.update(busy=100.0, bob=40.0)  # bob is behind
+    assert adm.next(0.1).key == "bob"  # bob's queue is empty now
+    adm.arrive(Ticket("bob", 0, 10, 0.2), True, 0.2)
+    assert adm.counters["bob"] == 50.0 and adm.next(0.3).key == "bob"
+    adm.arrive(Ticket("bob", 0, 10, 0.3 + IDLE_AFTER + 0.1), True, 0.3 + IDLE_AFTER + 0.1)
+    assert adm.counters["bob"] == 100.0
 
 
 def test_load_from_chatscale_vllm_and_sglang_metrics():
