@@ -15,6 +15,7 @@ loss. Two kinds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -54,6 +55,10 @@ INVENTED = tool_data.Pools(
     server=_server, doc_query=lambda rng: f"{invented_word(rng)} {rng.choice(['settings', 'errors', 'limits'])}",
     calc_a=(2, 9999), calc_b=(2, 999), count=(1, 500), minutes=(1, 240))
 
+# Stage 8's invented arguments: numbers of at most three digits, one token each of the stage-8
+# tokenizer, as in the evaluation; the four-digit ones of INVENTED taught stage 7 to write four digits.
+INVENTED_3DIGIT = dataclasses.replace(INVENTED, calc_a=(2, 999), calc_b=(2, 999), count=(1, 500), minutes=(1, 240))
+
 # How often each tool is asked in a session: the arithmetic and two-call questions are the evaluation's
 # hardest (half of its questions are calculator ones, a third ask two things).
 WEIGHTS = {"calculator": 3.0, "convert_units": 2.0, "get_weather": 2.0, "get_capital": 2.0, "get_time": 1.5,
@@ -79,11 +84,13 @@ def repeat_conversation(rng: random.Random, most: int = 3) -> data.Conversation:
     return [{"role": "user", "content": ask.format(p=p)}, {"role": "assistant", "content": answer.format(p=p)}]
 
 
-def tool_session(rng: random.Random, invented_p: float = 0.6) -> data.Conversation:
+def tool_session(rng: random.Random, invented_p: float = 0.6, invented: tool_data.Pools = INVENTED,
+                 avoid: frozenset[str] = frozenset()) -> data.Conversation:
     """Two to four tools offered, then one to MAX_QUESTIONS questions: mostly ones an offered tool
     answers (a call, and in half of them its result and an answer), sometimes a chatscale question
     no tool answers (plain text, as in the other conversations). A share `invented_p` of the
-    questions take their arguments from INVENTED, the rest from the evaluation's pools (REAL)."""
+    questions take their arguments from `invented`, the rest from the evaluation's pools (REAL); a
+    question in `avoid` (the evaluation's) is drawn again."""
     offered = rng.sample(list(tool_data.TOOLS), rng.randint(2, 4))
     msgs = [{"role": "system", "content": rng.choice(data.SYSTEM_PROMPTS)}] if rng.random() < 0.3 else []
     for _ in range(rng.randint(1, MAX_QUESTIONS)):
@@ -92,9 +99,11 @@ def tool_session(rng: random.Random, invented_p: float = 0.6) -> data.Conversati
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
             continue
         name = rng.choices(offered, weights=[WEIGHTS[n] for n in offered])[0]
-        invented = rng.random() < invented_p
-        turn = tool_data.ask(rng, name, INVENTED if invented else tool_data.REAL, PAIR_P)
-        question = turn.question if invented else data._vary(turn.question, rng)  # lower case would hide the name
+        made_up = rng.random() < invented_p
+        turn = tool_data.ask(rng, name, invented if made_up else tool_data.REAL, PAIR_P)
+        while turn.question in avoid:
+            turn = tool_data.ask(rng, name, invented if made_up else tool_data.REAL, PAIR_P)
+        question = turn.question if made_up else data._vary(turn.question, rng)  # lower case would hide the name
         msgs += [{"role": "user", "content": question}, tool_data.call_message(turn.calls, rng)]
         if rng.random() < 0.5:
             msgs += [{"role": "tool", "content": json.dumps(r)} for r in turn.results]

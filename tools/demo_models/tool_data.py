@@ -208,11 +208,26 @@ def ask(rng: random.Random, name: str, pools: Pools = REAL, pair_p: float = 0.15
     return turn
 
 
-def tool_question(rng: random.Random) -> tuple[list[dict], ToolTurn]:
+def tool_question(rng: random.Random, pools: Pools = REAL) -> tuple[list[dict], ToolTurn]:
     """(offered tools, a question one of them answers); sometimes two calls of the same tool."""
     name = rng.choice(list(MAKERS))
-    turn = ask(rng, name)
+    turn = ask(rng, name, pools)
     return _offered(rng, [name]), turn
+
+
+EVAL_SEED = 7
+
+
+def eval_questions(n: int, pools: Pools = REAL,
+                   leave_out: frozenset[str] = frozenset()) -> list[tuple[list[dict], ToolTurn]]:
+    """The held-out evaluation's questions (tools/demo_models/eval_tools.py): the first `n` of seed
+    EVAL_SEED not in `leave_out`. Stage 8 trains no tool call on the first 100 (stages.py)."""
+    rng, out = random.Random(EVAL_SEED), []
+    while len(out) < n:
+        tools, turn = tool_question(rng, pools)
+        if turn.question not in leave_out:
+            out.append((tools, turn))
+    return out
 
 
 def call_message(calls: list[Call], rng: random.Random) -> dict:

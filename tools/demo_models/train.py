@@ -61,10 +61,10 @@ RECIPES = {
     # stalled at 0.18 and mixed up topics.
     "target": Recipe("llama", 512, 4, 8, 2, 1536, steps=500, batch_tokens=2048, lr=1.5e-3,
                      finetune={1: (250, 5e-4), 2: (200, 1e-3), 3: (400, 8e-4), 4: (300, 1.5e-3),
-                               5: (400, 1e-3), 6: (300, 1e-3), 7: (250, 1e-3)}),
+                               5: (400, 1e-3), 6: (300, 1e-3), 7: (250, 1e-3), 8: (1000, 1.5e-3), 9: (300, 5e-4)}),
     # Two layers: many times cheaper per token than the target, trained on the same batches so it agrees.
     "draft": Recipe("llama", 256, 2, 4, 2, 768, steps=600, batch_tokens=2048, lr=3e-3,
-                    finetune={1: (300, 1e-3), 3: (400, 1e-3)}),
+                    finetune={1: (300, 1e-3), 3: (400, 1e-3), 8: (1000, 3e-3)}),
     "moe": Recipe("mixtral", 256, 4, 4, 2, 320, steps=400, batch_tokens=2048, lr=2.5e-3, experts=8, top_k=2),
 }
 N_TRAIN, N_HELDOUT, DATA_SEED = 30000, 300, 0
@@ -260,9 +260,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None, help="override the recipe (smoke tests)")
     ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
-    ap.add_argument("--finetune", type=int, default=0, metavar="STAGE",
-                    help="continue from the weights in --out on tool calls and JSON (tools/demo_models/stages.py): "
-                         "stage 1 then 2 was tried; stage 3 from the shipped weights")
+    ap.add_argument("--stage", "--finetune", dest="finetune", type=int, default=0, metavar="STAGE",
+                    help="train on a tool-call and JSON mixture (tools/demo_models/stages.py): stages 1-7 continue "
+                         "from the weights in --out, stage 8 trains a new model")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 by default: on a shared 2-core machine 2 threads ran 2-5x slower")
     ap.add_argument("--out", type=Path, default=None, help=f"default {DEMO_DIR}/MODEL")
@@ -290,7 +290,7 @@ def main() -> None:
     train, heldout = encode(tok, train_convs), encode(tok, heldout_convs)
     cfg = model_config(r, tok.get_vocab_size(), ids)
     model_class = LlamaForCausalLM if r.arch == "llama" else MixtralForCausalLM
-    if args.finetune:
+    if args.finetune and not stage.scratch:
         model = model_class.from_pretrained(out, torch_dtype=torch.float32)
     else:
         model = model_class(cfg)
@@ -327,8 +327,11 @@ def main() -> None:
     gen.save_pretrained(out)
     command = f".venv/bin/python tools/demo_models/train.py --model {args.model}"
     command += "".join(f" --{k} {v}" for k, v in overrides.items() if v is not None)
+    if not args.finetune or stage.scratch:
+        (out / "README.md").write_text(model_card(args.model, r, cfg, log, command))
     if args.finetune:
-        finetune = (f"- Fine-tuned (issue 19), stage {args.finetune}: {r.steps} steps of about {r.batch_tokens} "
+        how = "trained from scratch" if stage.scratch else "fine-tuned"
+        finetune = (f"- Issue 19, stage {args.finetune} ({how}): {r.steps} steps of about {r.batch_tokens} "
                     f"padded tokens at peak LR {r.lr} on `tools/demo_models/stages.py` (seed {stage.seed}, "
                     f"{stage.tool_share:.0%} tool {'sessions' if stage.sessions else 'calls'} in the server's "
                     f"default Hermes-style format, {stage.json_share:.0%} JSON answers, {stage.copy_share:.0%} "
@@ -337,10 +340,8 @@ def main() -> None:
                     f"Reproduce: `{command} --finetune {args.finetune}`.")
         finetune = textwrap.fill(finetune, 110, subsequent_indent="  ", break_on_hyphens=False) + "\n"
         head, tail = (out / "README.md").read_text().split("\nLimitations:", 1)
-        head = head.split(f"- Fine-tuned (issue 19), stage {args.finetune}")[0].rstrip("\n")  # a rerun replaces it
+        head = head.split(f"- Issue 19, stage {args.finetune}")[0].rstrip("\n")  # a rerun replaces it
         (out / "README.md").write_text(f"{head}\n{finetune}\nLimitations:{tail}")
-    else:
-        (out / "README.md").write_text(model_card(args.model, r, cfg, log, command))
     suffix = f"_finetune{args.finetune}" if args.finetune else ""
     plot(args.model + suffix.replace("_", " "), log,
          args.plot or ROOT / "docs" / "img" / f"demo_{args.model}{suffix}_loss.png")
