@@ -57,7 +57,7 @@ INVENTED = tool_data.Pools(
 
 # Stage 8's invented arguments: numbers of at most three digits, one token each of the stage-8
 # tokenizer, as in the evaluation; the four-digit ones of INVENTED taught stage 7 to write four digits.
-INVENTED_3DIGIT = dataclasses.replace(INVENTED, calc_a=(2, 999), calc_b=(2, 999), count=(1, 500), minutes=(1, 240))
+INVENTED_3DIGIT = dataclasses.replace(INVENTED, calc_a=(2, 999))
 
 # How often each tool is asked in a session: the arithmetic and two-call questions are the evaluation's
 # hardest (half of its questions are calculator ones, a third ask two things).
@@ -100,9 +100,10 @@ def tool_session(rng: random.Random, invented_p: float = 0.6, invented: tool_dat
             continue
         name = rng.choices(offered, weights=[WEIGHTS[n] for n in offered])[0]
         made_up = rng.random() < invented_p
-        turn = tool_data.ask(rng, name, invented if made_up else tool_data.REAL, PAIR_P)
+        pools = invented if made_up else tool_data.REAL
+        turn = tool_data.ask(rng, name, pools, PAIR_P)
         while turn.question in avoid:
-            turn = tool_data.ask(rng, name, invented if made_up else tool_data.REAL, PAIR_P)
+            turn = tool_data.ask(rng, name, pools, PAIR_P)
         question = turn.question if made_up else data._vary(turn.question, rng)  # lower case would hide the name
         msgs += [{"role": "user", "content": question}, tool_data.call_message(turn.calls, rng)]
         if rng.random() < 0.5:

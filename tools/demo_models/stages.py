@@ -34,6 +34,7 @@ class Stage:
     invented: tool_data.Pools = copy_data.INVENTED  # where invented arguments come from
     scratch: bool = False  # train a new model on this mixture instead of continuing one
     avoid_eval: bool = False  # draw again any tool question of the held-out evaluation's 100
+    digit_groups: bool = False  # for the digit-group tokenizer (tokenizer.py --digit-groups)
 
 
 # Stage 1 taught the format and the tool choice but copied arguments poorly (5 of 100 held-out
@@ -57,9 +58,11 @@ STAGES = {1: Stage(seed=100, tool_share=0.45, json_share=0.10), 2: Stage(seed=20
           7: Stage(seed=700, tool_share=0.35, json_share=0.05, copy_share=0.3, copy_len=8, sessions=True,
                    invented_p=1.0),
           8: Stage(seed=800, tool_share=0.25, json_share=0.05, n_train=30000, copy_share=0.1, copy_len=4,
-                   sessions=True, invented_p=0.5, invented=copy_data.INVENTED_3DIGIT, scratch=True, avoid_eval=True),
+                   sessions=True, invented_p=0.5, invented=copy_data.INVENTED_3DIGIT, scratch=True, avoid_eval=True,
+                   digit_groups=True),
           9: Stage(seed=900, tool_share=0.25, json_share=0.05, n_train=30000, copy_share=0.1, copy_len=4,
-                   sessions=True, invented_p=0.5, invented=copy_data.INVENTED_3DIGIT, avoid_eval=True)}
+                   sessions=True, invented_p=0.5, invented=copy_data.INVENTED_3DIGIT, avoid_eval=True,
+                   digit_groups=True)}
 EVAL_QUESTIONS = 100
 
 

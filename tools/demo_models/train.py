@@ -222,7 +222,7 @@ def plot(name: str, log: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def model_card(name: str, r: Recipe, cfg, log: dict, command: str) -> str:
+def model_card(name: str, r: Recipe, cfg, log: dict, command: str, n_heldout: int, tokenizer_command: str) -> str:
     arch = "MixtralForCausalLM" if r.arch == "mixtral" else "LlamaForCausalLM"
     moe = f", {r.experts} experts, top-{r.top_k} routing" if r.experts else ""
     return f"""---
@@ -245,9 +245,9 @@ A tiny chat model trained from scratch for chatscale's out-of-the-box demo and i
   facts, small arithmetic, unit conversions, greetings, polite refusals. No downloaded data.
 - Training: {r.steps} steps of about {r.batch_tokens} padded tokens, AdamW, peak LR {r.lr}, bf16
   autocast on CPU, loss on answer tokens only; {log['wall_s'] / 60:.1f} min on 2 CPU cores.
-- Final held-out loss: {log['heldout'][-1][1]:.4f} nats per answer token ({N_HELDOUT} held-out conversations
+- Final held-out loss: {log['heldout'][-1][1]:.4f} nats per answer token ({n_heldout} held-out conversations
   from the same generator, none of them verbatim in training).
-- Reproduce: `{command}` (after `.venv/bin/python tools/demo_models/tokenizer.py`).
+- Reproduce: `{command}` (after `{tokenizer_command}`).
 
 Limitations: it answers fluently only inside its training domain, and can be wrong (arithmetic
 especially, and anything outside it). Do not use it for anything but demos and tests.
@@ -327,8 +327,11 @@ def main() -> None:
     gen.save_pretrained(out)
     command = f".venv/bin/python tools/demo_models/train.py --model {args.model}"
     command += "".join(f" --{k} {v}" for k, v in overrides.items() if v is not None)
+    command += f" --stage {args.finetune}" if args.finetune else ""
     if not args.finetune or stage.scratch:
-        (out / "README.md").write_text(model_card(args.model, r, cfg, log, command))
+        tokenizer_command = ".venv/bin/python tools/demo_models/tokenizer.py"
+        tokenizer_command += " --digit-groups --out DIR" if args.finetune and stage.digit_groups else ""
+        (out / "README.md").write_text(model_card(args.model, r, cfg, log, command, len(heldout), tokenizer_command))
     if args.finetune:
         how = "trained from scratch" if stage.scratch else "fine-tuned"
         finetune = (f"- Issue 19, stage {args.finetune} ({how}): {r.steps} steps of about {r.batch_tokens} "
@@ -337,7 +340,7 @@ def main() -> None:
                     f"default Hermes-style format, {stage.json_share:.0%} JSON answers, {stage.copy_share:.0%} "
                     f"copying exercises, the rest the original conversations); "
                     f"{log['wall_s'] / 60:.1f} min; held-out loss on that mixture {log['heldout'][-1][1]:.4f}. "
-                    f"Reproduce: `{command} --finetune {args.finetune}`.")
+                    f"Reproduce: `{command}`.")
         finetune = textwrap.fill(finetune, 110, subsequent_indent="  ", break_on_hyphens=False) + "\n"
         head, tail = (out / "README.md").read_text().split("\nLimitations:", 1)
         head = head.split(f"- Issue 19, stage {args.finetune}")[0].rstrip("\n")  # a rerun replaces it
